@@ -1,0 +1,1 @@
+"""Shared pieces of fedpriv: models, data, partitioning, configuration, privacy accounting."""

@@ -1,0 +1,176 @@
+"""The run configuration: one dataclass, validated once, shared by CLI, ServerApp and ClientApp.
+
+Keys are snake_case in Python and kebab-case in Flower's run config (``pyproject.toml``,
+``flwr run . --run-config``) and in the training messages the server sends to clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from common.errors import UserInputError
+
+MODELS = ("cnn", "rnn", "autoencoder")
+BUILTIN_DATASETS = ("digits", "mnist1d")
+PARTITIONINGS = ("iid", "dirichlet", "shards")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one federated run. Defaults are the README's main job."""
+
+    model: str = field(default="cnn", metadata={"help": "Model family: cnn, rnn or autoencoder."})
+    dataset: str = field(
+        default="digits",
+        metadata={"help": "digits, mnist1d, or npz:PATH (arrays x and y; y optional for the autoencoder)."},
+    )
+    mnist1d_samples: int = field(default=10_000, metadata={"help": "Samples MNIST-1D generates locally."})
+    num_clients: int = field(default=10, metadata={"help": "Number of data owners (virtual clients)."})
+    num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
+    fraction_train: float = field(default=1.0, metadata={"help": "Fraction of clients sampled per round."})
+    min_clients: int = field(default=2, metadata={"help": "Minimum clients per round."})
+    partitioning: str = field(default="iid", metadata={"help": "iid, dirichlet or shards."})
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller = more skew)."})
+    classes_per_client: int = field(default=2, metadata={"help": "Classes per client for 'shards'."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Held-out share for the server's test set."})
+    seed: int = field(default=0, metadata={"help": "Seed for data split, partitioning and model init."})
+    strategy: str = field(default="fedavg", metadata={"help": "fedavg, fedprox or fedadam."})
+    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight."})
+    server_learning_rate: float = field(default=0.01, metadata={"help": "FedAdam server step size (eta)."})
+    local_epochs: int = field(default=2, metadata={"help": "Local epochs per round."})
+    batch_size: int = field(default=64, metadata={"help": "Expected local batch size (Poisson: rate = batch/n)."})
+    learning_rate: float = field(default=0.1, metadata={"help": "Client SGD learning rate."})
+    momentum: float = field(default=0.9, metadata={"help": "Client SGD momentum."})
+    dp: bool = field(default=True, metadata={"help": "Local DP-SGD with Opacus on every client."})
+    noise_multiplier: float = field(default=1.5, metadata={"help": "DP-SGD noise multiplier (sigma)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "DP-SGD per-sample clipping bound."})
+    delta: float = field(default=1e-5, metadata={"help": "Target delta of (epsilon, delta)-DP."})
+    accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: rdp or prv."})
+    poisson_sampling: bool = field(default=True, metadata={"help": "Poisson batch sampling (needed for the amplification the accountant assumes)."})
+    grad_sample_mode: str = field(default="hooks", metadata={"help": "Opacus per-sample gradient mode: hooks, functorch, ew or ghost."})
+    secure_mode: bool = field(default=False, metadata={"help": "Opacus cryptographically secure noise (slower)."})
+    budget_epsilon: float = field(default=0.0, metadata={"help": "Per-client epsilon budget; a client declines rounds that would exceed it (0 = no budget)."})
+    rnn_hidden: int = field(default=64, metadata={"help": "RNN hidden size."})
+    rnn_layers: int = field(default=1, metadata={"help": "RNN LSTM layers."})
+    encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
+    client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})
+    run_dir: str = field(default="", metadata={"help": "Run folder (default: runs/<time>-<model>-<dataset>)."})
+
+    # ------------------------------------------------------------------ mapping
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, ignore_unknown: bool = False) -> "RunConfig":
+        """Build from kebab- or snake-case keys (Flower run config, JSON), coercing types."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                if ignore_unknown:
+                    continue
+                raise UserInputError(f"unknown config key '{key}'; valid keys: {', '.join(k.replace('_', '-') for k in known)}")
+            kwargs[name] = _coerce(name, known[name].type, value)
+        return cls(**kwargs)
+
+    def to_dict(self, kebab: bool = False) -> dict[str, Any]:
+        """Plain dict, snake_case by default or kebab-case for Flower records."""
+        data = dataclasses.asdict(self)
+        return {k.replace("_", "-"): v for k, v in data.items()} if kebab else data
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> "RunConfig":
+        """Check every option alone; data-dependent checks live with the data. Returns self."""
+        _choice("model", self.model, MODELS)
+        if not (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("npz:")):
+            raise UserInputError(
+                f"--dataset '{self.dataset}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz"
+            )
+        _choice("partitioning", self.partitioning, PARTITIONINGS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _positive_int("num-clients", self.num_clients)
+        _positive_int("num-rounds", self.num_rounds)
+        _positive_int("local-epochs", self.local_epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("min-clients", self.min_clients)
+        _positive_int("classes-per-client", self.classes_per_client)
+        _positive_int("rnn-hidden", self.rnn_hidden)
+        _positive_int("rnn-layers", self.rnn_layers)
+        _positive_int("encoding-dim", self.encoding_dim)
+        if self.mnist1d_samples < 100:
+            raise UserInputError(f"--mnist1d-samples must be >= 100 (got {self.mnist1d_samples})")
+        if self.min_clients > self.num_clients:
+            raise UserInputError(
+                f"--min-clients ({self.min_clients}) exceeds --num-clients ({self.num_clients}); lower it or add clients"
+            )
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise UserInputError(f"--fraction-train must be in (0, 1] (got {self.fraction_train})")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise UserInputError(f"--test-fraction must be in (0, 1) (got {self.test_fraction})")
+        _positive_float("dirichlet-alpha", self.dirichlet_alpha)
+        _positive_float("learning-rate", self.learning_rate)
+        _positive_float("client-cpus", self.client_cpus)
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserInputError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if self.proximal_mu < 0:
+            raise UserInputError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
+        _positive_float("server-learning-rate", self.server_learning_rate)
+        if self.budget_epsilon < 0 or math.isnan(self.budget_epsilon):
+            raise UserInputError(f"--budget-epsilon must be >= 0, 0 meaning no budget (got {self.budget_epsilon})")
+        if self.dp:
+            if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+                raise UserInputError(
+                    f"--noise-multiplier must be > 0 with DP on (got {self.noise_multiplier}); "
+                    "pass a positive value, or --no-dp for a non-private run"
+                )
+            _positive_float("max-grad-norm", self.max_grad_norm)
+            if not 0.0 < self.delta < 1.0:
+                raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
+        return self
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    """Turn a run-config value (possibly a string from the command line) into the field's type."""
+    type_name = getattr(type_name, "__name__", type_name)
+    try:
+        if type_name == "bool":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    return True
+                if lowered in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserInputError(
+            f"config key '{name.replace('_', '-')}' expects a {type_name}, got {value!r}"
+        ) from None
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserInputError(f"--{option} '{value}' is unknown; choose one of: {', '.join(allowed)}")
+
+
+def _positive_int(option: str, value: int) -> None:
+    if value < 1:
+        raise UserInputError(f"--{option} must be a positive integer (got {value})")
+
+
+def _positive_float(option: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise UserInputError(f"--{option} must be a positive number (got {value})")

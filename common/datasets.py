@@ -1,0 +1,181 @@
+"""Built-in and user datasets, as float32 arrays with a held-out test split.
+
+No download ever happens: digits ship with scikit-learn, MNIST-1D is generated locally with
+``mnist1d.data.make_dataset`` (and cached on disk, since generation costs seconds), and a user's
+data comes from an ``.npz`` file on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic_io import atomic_write
+from common.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test arrays plus what a model needs to know about their shape.
+
+    ``x`` has shape ``(n, *input_shape)`` with a channel axis first: ``(1, 8, 8)`` for digits,
+    ``(1, 40)`` for MNIST-1D. ``y`` is ``None`` for unlabelled data (autoencoder only).
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    x_test: np.ndarray
+    y_test: np.ndarray | None
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def labelled(self) -> bool:
+        return self.y_train is not None
+
+
+def cache_dir() -> Path:
+    """Where generated datasets are cached (``FEDPRIV_CACHE`` or ``~/.cache/fedpriv``)."""
+    return Path(os.environ.get("FEDPRIV_CACHE", Path.home() / ".cache" / "fedpriv"))
+
+
+def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.2, mnist1d_samples: int = 10_000) -> Dataset:
+    """Load ``digits``, ``mnist1d`` or ``npz:PATH``; raises :class:`UserInputError` on bad input."""
+    return _load_cached(spec, seed, test_fraction, mnist1d_samples)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(spec: str, seed: int, test_fraction: float, mnist1d_samples: int) -> Dataset:
+    if spec == "digits":
+        return _digits(seed, test_fraction)
+    if spec == "mnist1d":
+        return _mnist1d(mnist1d_samples, seed, test_fraction)
+    if spec.startswith("npz:"):
+        return _npz(Path(spec[4:]).expanduser(), seed, test_fraction)
+    raise UserInputError(f"--dataset '{spec}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz")
+
+
+def _split(x: np.ndarray, y: np.ndarray | None, seed: int, test_fraction: float, name: str, num_classes: int) -> Dataset:
+    """Deterministic shuffled split; stratified when labels exist so every class is tested."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    if y is None:
+        order = rng.permutation(n)
+        n_test = max(1, int(round(n * test_fraction)))
+        test, train = order[:n_test], order[n_test:]
+    else:
+        test_parts, train_parts = [], []
+        for cls in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == cls))
+            k = int(round(len(idx) * test_fraction))
+            test_parts.append(idx[:k])
+            train_parts.append(idx[k:])
+        test, train = np.concatenate(test_parts), np.concatenate(train_parts)
+        test, train = rng.permutation(test), rng.permutation(train)
+    if len(train) == 0 or len(test) == 0:
+        raise UserInputError(f"dataset '{name}' has too few samples ({n}) to split with --test-fraction {test_fraction}")
+    return Dataset(
+        name=name,
+        x_train=x[train],
+        y_train=None if y is None else y[train],
+        x_test=x[test],
+        y_test=None if y is None else y[test],
+        num_classes=num_classes,
+    )
+
+
+def _digits(seed: int, test_fraction: float) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32)[:, None, :, :]
+    x = (x - x.mean()) / x.std()  # (n, 1, 8, 8), standardised: SGD starts learning at once
+    y = bunch.target.astype(np.int64)
+    return _split(x, y, seed, test_fraction, "digits", 10)
+
+
+def _mnist1d(num_samples: int, seed: int, test_fraction: float) -> Dataset:
+    x, y = _mnist1d_arrays(num_samples)
+    return _split(x[:, None, :], y, seed, test_fraction, "mnist1d", 10)
+
+
+def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generate MNIST-1D locally (never its download) and cache the arrays atomically."""
+    path = cache_dir() / f"mnist1d-{num_samples}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as data:
+                return data["x"], data["y"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a damaged cache is regenerated below
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.train_split = 1.0  # we split ourselves, like every other dataset
+    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; keep callers unaffected
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = make_dataset(args)
+    np.random.set_state(state)
+    x = data["x"].astype(np.float32)
+    y = data["y"].astype(np.int64)
+
+    def _save(f) -> None:
+        np.savez(f, x=x, y=y)
+
+    try:
+        atomic_write(path, _save, binary=True)
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return x, y
+
+
+def _npz(path: Path, seed: int, test_fraction: float) -> Dataset:
+    """A user's ``.npz`` with ``x`` (n, ...) and optional ``y`` (n,) integer labels."""
+    if not path.is_file():
+        raise UserInputError(f"--dataset npz:{path}: file not found; give the path of an .npz file with arrays x and y")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserInputError(f"--dataset npz:{path}: not a readable .npz file ({exc.__class__.__name__}); save it with numpy.savez") from None
+    if "x" not in arrays:
+        raise UserInputError(f"--dataset npz:{path}: no array named 'x' (found: {', '.join(arrays) or 'none'}); save with numpy.savez(path, x=..., y=...)")
+    x = arrays["x"]
+    if x.ndim < 2 or len(x) < 2:
+        raise UserInputError(f"--dataset npz:{path}: 'x' must have shape (n, features...) with n >= 2 (got {x.shape})")
+    if not np.issubdtype(x.dtype, np.number):
+        raise UserInputError(f"--dataset npz:{path}: 'x' must be numeric (got dtype {x.dtype})")
+    x = x.astype(np.float32) / (255.0 if arrays["x"].dtype == np.uint8 else 1.0)
+    if not np.isfinite(x).all():
+        raise UserInputError(f"--dataset npz:{path}: 'x' contains NaN or infinite values; clean the data first")
+    # Channel axis first: (n, L) -> (n, 1, L); (n, H, W) -> (n, 1, H, W); (n, C, H, W) stays.
+    if x.ndim in (2, 3):
+        x = x[:, None, ...]
+    elif x.ndim > 4:
+        raise UserInputError(f"--dataset npz:{path}: 'x' has {x.ndim - 1} feature axes; at most 3 (C, H, W) are supported")
+    y = arrays.get("y")
+    num_classes = 0
+    if y is not None:
+        if y.shape != (len(x),):
+            raise UserInputError(f"--dataset npz:{path}: 'y' must have shape ({len(x)},) to match 'x' (got {y.shape})")
+        if not np.issubdtype(y.dtype, np.integer) and not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
+            raise UserInputError(f"--dataset npz:{path}: 'y' must hold integer class labels (got dtype {y.dtype})")
+        y = y.astype(np.int64)
+        if y.min() < 0:
+            raise UserInputError(f"--dataset npz:{path}: 'y' labels must be >= 0 (found {y.min()})")
+        num_classes = int(y.max()) + 1
+        if num_classes < 2:
+            raise UserInputError(f"--dataset npz:{path}: 'y' has a single class; classification needs at least two")
+    return _split(x, y, seed, test_fraction, f"npz:{path}", num_classes)

@@ -1,0 +1,9 @@
+"""Names of the record keys both sides of a Flower message agree on."""
+
+ARRAYS = "arrays"          # ArrayRecord: model weights (global in, local out)
+CONFIG = "config"          # ConfigRecord: the run's training config, kebab-case keys
+METRICS = "metrics"        # MetricRecord: num-examples, train-loss, privacy numbers
+PRIVACY = "privacy"        # ConfigRecord: client id, accountant, decline reason
+
+NUM_EXAMPLES = "num-examples"
+DECLINED = "declined"

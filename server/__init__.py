@@ -1,0 +1,1 @@
+"""The coordinator's side: rounds, update validation, evaluation, checkpoints, privacy report."""

@@ -1,0 +1,184 @@
+"""The server's round loop: sample, send, validate, aggregate, evaluate, checkpoint, report.
+
+Flower's strategies do the sampling and the aggregation; this loop adds what a private
+federation needs around them: per-client privacy records taken from every reply (including
+clients that declined for budget), dropping malformed updates, server-side evaluation on the
+held-out test set, and an atomic checkpoint after each round so a restarted server resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from common import records
+from common.atomic_io import write_json
+from common.config import RunConfig
+from common.datasets import Dataset, load_dataset
+from common.evaluation import evaluate
+from common.models import check_fit, model_from_config
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
+from server.report import RunReport
+from server.strategy_factory import build_strategy
+from server.update_validation import update_problem
+
+log = logging.getLogger("fedpriv.server")
+
+
+class RoundObserver(Protocol):
+    """Receives progress, e.g. to draw a progress bar; every method is optional."""
+
+    def round_started(self, server_round: int, num_rounds: int, num_clients: int) -> None: ...
+    def client_replied(self, server_round: int, replied: int, expected: int) -> None: ...
+    def round_finished(self, server_round: int, summary: dict) -> None: ...
+
+
+class _Silent:
+    def round_started(self, server_round: int, num_rounds: int, num_clients: int) -> None:
+        pass
+
+    def client_replied(self, server_round: int, replied: int, expected: int) -> None:
+        pass
+
+    def round_finished(self, server_round: int, summary: dict) -> None:
+        pass
+
+
+@dataclass
+class Sorted:
+    """Replies of one round, by what happens to them."""
+
+    accepted: list[Message]
+    declined: list[str]
+    rejected: dict[str, str]
+    failed: int
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run folder and write the resolved config (the first thing a run leaves behind)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    return run_dir
+
+
+def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = None,
+                   round_timeout: float = 3600.0) -> RunReport:
+    """Run ``cfg.num_rounds`` rounds on ``grid`` (resuming from a checkpoint) and return the report."""
+    observer = observer or _Silent()
+    run_dir = prepare_run_dir(cfg)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples)
+    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset)
+    model = model_from_config(cfg, data.input_shape, data.num_classes, seed=cfg.seed)
+    strategy = build_strategy(cfg)
+
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.state_dict)
+        report = RunReport.from_dict(ckpt.report)
+        first_round = ckpt.server_round + 1
+        log.info("resuming %s after round %d", run_dir, ckpt.server_round)
+    else:
+        report = RunReport(run=_run_summary(cfg), delta=cfg.delta, accountant=cfg.accountant, dp=cfg.dp)
+        first_round = 1
+    arrays = ArrayRecord(model.state_dict())
+    train_config = ConfigRecord({**cfg.to_dict(kebab=True), "run-dir": str(run_dir.resolve())})
+
+    for server_round in range(first_round, cfg.num_rounds + 1):
+        started = time.monotonic()
+        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        observer.round_started(server_round, cfg.num_rounds, len(messages))
+        replies = _send_and_receive(grid, messages, round_timeout,
+                                    lambda done: observer.client_replied(server_round, done, len(messages)))
+        replies_sorted = _sort_replies(replies, arrays, len(messages), report, server_round)
+        if replies_sorted.accepted:
+            new_arrays, _ = strategy.aggregate_train(server_round, replies_sorted.accepted)
+            if new_arrays is not None:
+                arrays = new_arrays
+        else:
+            log.warning("round %d: no update to aggregate; the global model is unchanged", server_round)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(model, cfg.model, data.x_test, data.y_test)
+        participation = {
+            "trained": sorted(_client_id(m) for m in replies_sorted.accepted),
+            "declined": sorted(replies_sorted.declined),
+            "rejected": replies_sorted.rejected,
+            "failed": replies_sorted.failed,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        report.add_round(server_round, metrics, participation)
+        save_checkpoint(run_dir, Checkpoint(server_round, model.state_dict(), report.to_dict()))
+        report.write(run_dir, plots=False)
+        observer.round_finished(server_round, {"metrics": metrics, "max_epsilon": report.max_epsilon(), **participation})
+
+    save_final_model(run_dir, model.state_dict())
+    report.write(run_dir, plots=True)
+    return report
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:
+    """Like ``Grid.send_and_receive`` but reports each reply as it arrives."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        if got:
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            on_reply(len(replies))
+        else:
+            time.sleep(0.1)
+    return replies
+
+
+def _client_id(msg: Message) -> str:
+    return str(msg.content[records.PRIVACY]["client-id"])
+
+
+def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, expected: int, report: RunReport,
+                  server_round: int) -> Sorted:
+    """Record every reply's privacy spend, then keep only well-formed updates for aggregation."""
+    replies = list(replies)
+    accepted, declined, rejected = [], [], {}
+    failed = expected - len(replies)  # no reply before the round's timeout
+    for msg in replies:
+        if msg.has_error():
+            failed += 1
+            log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+            continue
+        try:
+            client = _client_id(msg)
+            metrics = msg.content[records.METRICS]
+        except KeyError:
+            rejected[f"node-{msg.metadata.src_node_id}"] = "reply lacks privacy or metric records"
+            continue
+        if int(metrics.get(records.DECLINED, 0)):
+            declined.append(client)
+            log.warning("round %d: %s declined: %s", server_round, client,
+                        msg.content[records.PRIVACY].get("decline-reason", "budget"))
+            continue
+        # The client trained: its privacy is spent whether or not its update is usable.
+        report.record_training(client, server_round, float(metrics["noise-multiplier"]),
+                               float(metrics["sample-rate"]), int(metrics["steps"]), float(metrics["epsilon"]))
+        problem = (update_problem(msg.content[records.ARRAYS], reference)
+                   if records.ARRAYS in msg.content.array_records else "reply carries no model update")
+        if problem:
+            rejected[client] = problem
+            log.warning("round %d: dropped update of %s: %s", server_round, client, problem)
+            continue
+        accepted.append(msg)
+    return Sorted(accepted, declined, rejected, failed)
+
+
+def _run_summary(cfg: RunConfig) -> dict:
+    return {"model": cfg.model, "dataset": cfg.dataset, "clients": cfg.num_clients, "rounds": cfg.num_rounds,
+            "strategy": cfg.strategy, "partitioning": cfg.partitioning, "dp": cfg.dp,
+            "noise_multiplier": cfg.noise_multiplier if cfg.dp else None,
+            "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "secure_mode": cfg.secure_mode}

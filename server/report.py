@@ -1,0 +1,185 @@
+"""The run's report: ``report.json`` for machines, ``report.md`` and PNG plots for people.
+
+``report.json`` holds each client's full mechanism history, so anyone can recompute epsilon
+with an accountant of their own choosing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.atomic_io import read_json, write_json, write_text
+from common.errors import UserInputError
+
+GUARANTEE = (
+    "Each client's records are protected by sample-level ({eps}, {delta})-differential privacy "
+    "against everyone who sees that client's model updates — the server and, through the global "
+    "model, every other client: adding or removing any single record of a client changes the "
+    "probability of anything they can observe by at most a factor e^epsilon, except with probability delta. "
+    "Epsilon is composed over every local DP-SGD step of every round the client took part in "
+    "({accountant} accountant); the number shown is the largest over all clients."
+)
+NO_DP = (
+    "This run trained **without differential privacy**: epsilon is infinite, and nothing bounds what "
+    "the server or other clients can learn about any single record from the model updates."
+)
+
+
+@dataclass
+class RunReport:
+    """Everything a run reports, built round by round by the server."""
+
+    run: dict[str, Any]
+    delta: float
+    accountant: str
+    dp: bool
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------- building
+    def record_training(self, client_id: str, server_round: int, noise: float, rate: float, steps: int,
+                        epsilon: float) -> None:
+        """Add one round of a client's local training, with its cumulative epsilon."""
+        entry = self.clients.setdefault(client_id, {"epsilon": 0.0 if self.dp else math.inf, "history": []})
+        entry["history"].append({"round": server_round, "noise_multiplier": noise, "sample_rate": rate,
+                                 "steps": steps, "epsilon": epsilon})
+        entry["epsilon"] = epsilon
+
+    def add_round(self, server_round: int, metrics: dict[str, float], participation: dict[str, Any]) -> None:
+        self.rounds.append({"round": server_round, "metrics": metrics, "max_epsilon": self.max_epsilon(),
+                            **participation})
+
+    def max_epsilon(self) -> float:
+        if not self.dp:
+            return math.inf
+        return max((c["epsilon"] for c in self.clients.values()), default=0.0)
+
+    # ------------------------------------------------------------ persisting
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "rounds": self.rounds,
+            "privacy": {"dp": self.dp, "delta": self.delta, "accountant": self.accountant,
+                        "max_epsilon": self.max_epsilon(), "clients": self.clients},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunReport":
+        privacy = data["privacy"]
+        clients = {cid: {"epsilon": float(c["epsilon"]),
+                         "history": [{**h, "epsilon": float(h["epsilon"])} for h in c["history"]]}
+                   for cid, c in privacy["clients"].items()}
+        rounds = [{**r, "max_epsilon": float(r.get("max_epsilon", 0.0))} for r in data["rounds"]]
+        return cls(run=data.get("run", {}), delta=float(privacy["delta"]), accountant=privacy["accountant"],
+                   dp=bool(privacy.get("dp", True)), rounds=rounds, clients=clients)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunReport":
+        path = Path(run_dir) / "report.json"
+        if not path.is_file():
+            raise UserInputError(f"{run_dir} holds no report.json; pass the folder of a finished or running run")
+        try:
+            return cls.from_dict(read_json(path))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserInputError(f"{path} is not a valid fedpriv report ({exc.__class__.__name__}: {exc})") from None
+
+    def write(self, run_dir: Path, plots: bool = True) -> None:
+        """Write report.json, report.md and (optionally) the plots, each atomically."""
+        run_dir = Path(run_dir)
+        write_json(run_dir / "report.json", self.to_dict())
+        write_text(run_dir / "report.md", self.markdown())
+        if plots:
+            self.plot(run_dir)
+
+    # -------------------------------------------------------------- rendering
+    def metric_names(self) -> list[str]:
+        names: list[str] = []
+        for r in self.rounds:
+            names += [k for k in r["metrics"] if k not in names]
+        return names
+
+    def markdown(self) -> str:
+        eps = _fmt_eps(self.max_epsilon())
+        lines = [f"# fedpriv run report", ""]
+        for key, value in self.run.items():
+            lines.append(f"- **{key}**: {value}")
+        lines += ["", "## Privacy guarantee", ""]
+        lines.append(GUARANTEE.format(eps=eps, delta=f"{self.delta:g}", accountant=self.accountant.upper())
+                     if self.dp else NO_DP)
+        names = self.metric_names()
+        lines += ["", "## Rounds", "", "| round | " + " | ".join(names) + " | max epsilon | clients trained |",
+                  "|---" * (len(names) + 3) + "|"]
+        for r in self.rounds:
+            vals = " | ".join(_fmt(r["metrics"].get(n)) for n in names)
+            lines.append(f"| {r['round']} | {vals} | {_fmt_eps(r['max_epsilon'])} | {len(r.get('trained', []))} |")
+        lines += ["", "## Per-client privacy", "", "| client | rounds trained | steps | epsilon |", "|---|---|---|---|"]
+        for cid in sorted(self.clients, key=_natural):
+            c = self.clients[cid]
+            lines.append(f"| {cid} | {len(c['history'])} | {sum(h['steps'] for h in c['history'])} | {_fmt_eps(c['epsilon'])} |")
+        missed = [(r["round"], r.get("declined", []), r.get("rejected", {})) for r in self.rounds
+                  if r.get("declined") or r.get("rejected")]
+        if missed:
+            lines += ["", "## Clients left out of rounds", ""]
+            for rnd, declined, rejected in missed:
+                for cid in declined:
+                    lines.append(f"- round {rnd}: {cid} declined (privacy budget)")
+                for cid, why in rejected.items():
+                    lines.append(f"- round {rnd}: update of {cid} dropped: {why}")
+        lines += ["", "Plots: `metrics.png` (test metrics per round), `epsilon.png` (cumulative epsilon per client).", ""]
+        return "\n".join(lines)
+
+    def plot(self, run_dir: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = self.metric_names()
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.5 * max(len(names), 1), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            pts = [(r["round"], r["metrics"][name]) for r in self.rounds if name in r["metrics"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+            ax.set_xlabel("round")
+            ax.set_ylabel(f"test {name}")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{self.run.get('model', '')} on {self.run.get('dataset', '')}")
+        fig.tight_layout()
+        _save_fig(fig, run_dir / "metrics.png")
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for cid in sorted(self.clients, key=_natural):
+            hist = [h for h in self.clients[cid]["history"] if math.isfinite(h["epsilon"])]
+            if hist:
+                ax.plot([h["round"] for h in hist], [h["epsilon"] for h in hist], marker=".", label=cid)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"cumulative epsilon (delta={self.delta:g})")
+        ax.set_title("per-client privacy loss" if self.dp else "no DP: epsilon is infinite")
+        if self.clients and self.dp and len(self.clients) <= 20:
+            ax.legend(fontsize="small", ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save_fig(fig, run_dir / "epsilon.png")
+        plt.close(fig)
+
+
+def _save_fig(fig, path: Path) -> None:
+    from common.atomic_io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _fmt_eps(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.3f}"
+
+
+def _natural(name: str) -> tuple:
+    head, _, tail = name.rpartition("-")
+    return (head, int(tail)) if tail.isdigit() else (name, -1)

@@ -1,0 +1,1 @@
+"""Local simulation, the ``fedpriv`` command line and (later) launchers and benchmarks."""

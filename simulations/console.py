@@ -1,0 +1,63 @@
+"""What people see in the terminal: round progress bars and the final results table."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.report import RunReport
+
+console = Console(stderr=False)
+
+
+class RoundProgress:
+    """One progress bar per round, filling as clients reply; implements ``RoundObserver``."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("clients"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                 console=console)
+        self.tasks: dict[int, int] = {}
+
+    def __enter__(self) -> "RoundProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def round_started(self, server_round: int, num_rounds: int, num_clients: int) -> None:
+        self.tasks[server_round] = self.progress.add_task(f"round {server_round}/{num_rounds}",
+                                                          total=num_clients, info="")
+
+    def client_replied(self, server_round: int, replied: int, expected: int) -> None:
+        self.progress.update(self.tasks[server_round], completed=replied)
+
+    def round_finished(self, server_round: int, summary: dict) -> None:
+        metrics = summary["metrics"]
+        main = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else f"mse {metrics['mse']:.4f}"
+        extra = ""
+        if summary.get("declined") or summary.get("rejected") or summary.get("failed"):
+            extra = f" · declined {len(summary['declined'])} dropped {len(summary['rejected'])} failed {summary['failed']}"
+        self.progress.update(self.tasks[server_round], info=f"{main} · max ε {fmt_eps(summary['max_epsilon'])}{extra}")
+
+
+def fmt_eps(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def results_table(report: RunReport) -> Table:
+    """Round, test metrics and max per-client epsilon, as the README shows them."""
+    names = report.metric_names()
+    table = Table(title=f"{report.run.get('model')} on {report.run.get('dataset')} — "
+                        f"{'DP' if report.dp else 'no DP'}, delta={report.delta:g}, {report.accountant.upper()}")
+    table.add_column("round", justify="right")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("max ε", justify="right")
+    for r in report.rounds:
+        table.add_row(str(r["round"]), *[f"{r['metrics'][n]:.4f}" for n in names], fmt_eps(r["max_epsilon"]))
+    return table
