@@ -88,10 +88,10 @@ def simulate(cfg: RunConfig) -> None:
 
     Example: fedpriv simulate --model rnn --dataset mnist1d --num-clients 10 --num-rounds 5
     """
+    cfg.validate()  # before the heavy imports: a wrong option fails in a fraction of a second
     from simulations.console import RoundProgress, console, results_table
     from simulations.simulate import simulate as run_simulation
 
-    cfg.validate()
     console.print(f"[bold]fedpriv[/] {cfg.model} on {cfg.dataset}: {cfg.num_clients} clients, {cfg.num_rounds} rounds, "
                   + (f"DP-SGD σ={cfg.noise_multiplier} C={cfg.max_grad_norm} δ={cfg.delta:g} ({cfg.accountant})"
                      if cfg.dp else "[red]no DP[/]"))

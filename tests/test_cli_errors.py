@@ -1,0 +1,83 @@
+"""Bad input through the real command line: one clear line, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def assert_clean_error(result, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def npz_files(tmp_path):
+    rng = np.random.default_rng(0)
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x=rng.normal(size=(50, 8, 8)).astype(np.float32))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not a zip file")
+    no_x = tmp_path / "no_x.npz"
+    np.savez(no_x, features=np.zeros((10, 4)))
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, x=rng.normal(size=(12, 4, 4)).astype(np.float32), y=np.arange(12) % 2)
+    return {"unlabelled": unlabelled, "garbage": garbage, "no_x": no_x, "tiny": tiny}
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model", "transformer"], ["--model", "transformer"]),
+    (["--dataset", "cifar"], ["--dataset", "cifar"]),
+    (["--noise-multiplier", "-1"], ["--noise-multiplier", "--no-dp"]),
+    (["--noise-multiplier", "0"], ["--noise-multiplier"]),
+    (["--delta", "1.5"], ["--delta"]),
+    (["--delta", "0"], ["--delta"]),
+    (["--num-clients", "5000"], ["--num-clients"]),
+    (["--accountant", "moments"], ["--accountant"]),
+    (["--partitioning", "random"], ["--partitioning"]),
+    (["--min-clients", "20", "--num-clients", "10"], ["--min-clients"]),
+])
+def test_bad_options(fedpriv, tmp_path, args, needles):
+    result = fedpriv("simulate", "--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    assert_clean_error(result, *needles)
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_bad_datasets(fedpriv, tmp_path, npz_files):
+    cases = [
+        (["--dataset", f"npz:{tmp_path / 'missing.npz'}"], ["not found"]),
+        (["--dataset", f"npz:{npz_files['garbage']}"], ["not a readable .npz"]),
+        (["--dataset", f"npz:{npz_files['no_x']}"], ["no array named 'x'"]),
+        (["--dataset", f"npz:{npz_files['unlabelled']}", "--model", "cnn"], ["--model cnn", "labels"]),
+        (["--dataset", f"npz:{npz_files['tiny']}", "--num-clients", "10"], ["--num-clients"]),
+    ]
+    for args, needles in cases:
+        assert_clean_error(fedpriv("simulate", "--run-dir", str(tmp_path / "run"), *args, timeout=120), *needles)
+
+
+def test_unwritable_run_dir(fedpriv, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = fedpriv("simulate", "--run-dir", str(blocker / "run"), timeout=120)
+    assert_clean_error(result, "--run-dir", "not writable")
+
+
+def test_report_of_missing_run(fedpriv, tmp_path):
+    assert_clean_error(fedpriv("report", str(tmp_path), timeout=60), "report.json")
+
+
+def test_help_documents_every_option(fedpriv):
+    from dataclasses import fields
+
+    from common.config import RunConfig
+
+    result = fedpriv("simulate", "--help", timeout=60)
+    assert result.returncode == 0
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag[:18] in result.stdout, flag
