@@ -49,6 +49,8 @@ def planned_mechanism(num_examples: int, cfg: RunConfig) -> Mechanism:
     batches, so the budget can be checked before any data is touched.
     """
     batches = math.ceil(num_examples / cfg.batch_size)
+    if cfg.poisson_sampling:
+        batches = int(1 / (1.0 / batches))  # Opacus' Poisson sampler: steps = int(1 / sample_rate)
     return (cfg.noise_multiplier, 1.0 / batches, cfg.local_epochs * batches)
 
 
@@ -65,6 +67,7 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
 
     engine = None
     if cfg.dp:
+        model.train()  # Opacus refuses to wrap a model in eval mode
         engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode)
         engine.accountant.history = list(prior_history)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=generator)
@@ -100,7 +103,7 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
         steps, rate, noise, epsilon = cfg.local_epochs * len(loader), 1.0, 0.0, math.inf
     else:
         steps = sum(s for _, _, s in engine.accountant.history) - steps_before
-        rate, noise = 1.0 / len(loader), cfg.noise_multiplier
+        rate, noise = engine.accountant.history[-1][1], cfg.noise_multiplier
         epsilon = epsilon_for(engine.accountant.history, cfg.delta, cfg.accountant)
     return RoundResult(
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},

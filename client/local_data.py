@@ -39,8 +39,9 @@ def local_data(cfg: RunConfig, node_config: dict) -> LocalData:
 @lru_cache(maxsize=8)
 def _cached(spec, seed, test_fraction, mnist1d_samples, method, alpha, per_client, pid, parts, name) -> LocalData:
     data = load_dataset(spec, seed=seed, test_fraction=test_fraction, mnist1d_samples=mnist1d_samples)
-    if pid is None:  # a data owner's own file: all of its training split is theirs
-        x, y = data.x_train, data.y_train
+    if pid is None:  # a data owner's own file: every record in it is theirs to train on
+        x = np.concatenate([data.x_train, data.x_test])
+        y = None if data.y_train is None else np.concatenate([data.y_train, data.y_test])
     else:
         idx = partition(data.y_train, len(data.x_train), parts, method, seed=seed, alpha=alpha,
                         classes_per_client=per_client)[pid]

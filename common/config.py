@@ -59,6 +59,7 @@ class RunConfig:
     rnn_hidden: int = field(default=64, metadata={"help": "RNN hidden size."})
     rnn_layers: int = field(default=1, metadata={"help": "RNN LSTM layers."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
+    round_timeout: float = field(default=600.0, metadata={"help": "Seconds the server waits for replies in a round before going on without the missing clients."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})
     run_dir: str = field(default="", metadata={"help": "Run folder (default: runs/<time>-<model>-<dataset>)."})
 
@@ -116,9 +117,10 @@ class RunConfig:
         _positive_float("dirichlet-alpha", self.dirichlet_alpha)
         _positive_float("learning-rate", self.learning_rate)
         _positive_float("client-cpus", self.client_cpus)
+        _positive_float("round-timeout", self.round_timeout)
         if not 0.0 <= self.momentum < 1.0:
             raise UserInputError(f"--momentum must be in [0, 1) (got {self.momentum})")
-        if self.proximal_mu < 0:
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             raise UserInputError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
         _positive_float("server-learning-rate", self.server_learning_rate)
         if self.budget_epsilon < 0 or math.isnan(self.budget_epsilon):

@@ -124,7 +124,7 @@ class PrivacyLedger:
             return cls(client_id=client_id, accountant=accountant, delta=delta)
         try:
             data = read_json(path)
-            entries = [LedgerEntry(**e) for e in data["entries"]]
+            entries = [_checked_entry(e) for e in data["entries"]]
             ledger = cls(client_id=str(data["client_id"]), accountant=str(data["accountant"]),
                          delta=float(data["delta"]), entries=entries)
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
@@ -138,6 +138,16 @@ class PrivacyLedger:
                 f"this run asks for accountant={accountant}, delta={delta}: use the ledger's settings"
             )
         return ledger
+
+
+def _checked_entry(raw: dict) -> LedgerEntry:
+    """A ledger entry with every field of the right type and range (else ValueError)."""
+    entry = LedgerEntry(run_id=str(raw["run_id"]), round=int(raw["round"]),
+                        noise_multiplier=float(raw["noise_multiplier"]), sample_rate=float(raw["sample_rate"]),
+                        steps=int(raw["steps"]), epsilon=float(raw["epsilon"]))
+    if entry.steps < 0 or not 0 < entry.sample_rate <= 1 or not entry.noise_multiplier > 0:
+        raise ValueError(f"entry out of range: {raw}")
+    return entry
 
 
 def data_fingerprint(*arrays) -> str:

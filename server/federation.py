@@ -68,8 +68,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = None,
-                   round_timeout: float = 3600.0) -> RunReport:
+def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = None) -> RunReport:
     """Run ``cfg.num_rounds`` rounds on ``grid`` (resuming from a checkpoint) and return the report."""
     observer = observer or _Silent()
     run_dir = prepare_run_dir(cfg)
@@ -94,7 +93,7 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         started = time.monotonic()
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         observer.round_started(server_round, cfg.num_rounds, len(messages))
-        replies = _send_and_receive(grid, messages, round_timeout,
+        replies = _send_and_receive(grid, messages, cfg.round_timeout,
                                     lambda done: observer.client_replied(server_round, done, len(messages)))
         replies_sorted = _sort_replies(replies, arrays, len(messages), report, server_round)
         if replies_sorted.accepted:

@@ -1,0 +1,139 @@
+"""``fedpriv client``: one data owner's Flower SuperNode, checked before it connects.
+
+Everything that belongs to the data owner travels as Flower node config: where its data is,
+its state folder (privacy ledger), its budget and its display name. The checks here turn the
+usual mistakes (a missing key, a bad data file, a corrupted ledger, an unreachable server) into
+one line before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserInputError
+from common.privacy import PrivacyLedger
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What ``fedpriv client`` was asked to run."""
+
+    server: str                 # HOST:PORT of the SuperLink
+    data: str                   # npz:PATH, or partition:I/N of the run's dataset
+    state_dir: Path
+    budget_epsilon: float
+    name: str
+    ca_cert: Path | None        # None with --insecure
+    private_key: Path | None    # None with --insecure
+    local_port: int
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserInputError(f"--server '{server}' must be HOST:PORT, e.g. 10.0.0.5:9092")
+    return host.strip("[]"), int(port)
+
+
+def node_config(spec: ClientSpec) -> str:
+    """Flower's ``--node-config`` string (TOML values)."""
+    items: dict[str, object] = {"state-dir": str(spec.state_dir.resolve()), "client-name": spec.name}
+    if spec.budget_epsilon > 0:
+        items["budget-epsilon"] = float(spec.budget_epsilon)
+    if spec.data.startswith("partition:"):
+        index, total = _partition(spec.data)
+        items.update({"partition-id": index, "num-partitions": total})
+    else:
+        items["data-path"] = str(Path(spec.data[4:]).expanduser().resolve())
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def _partition(data: str) -> tuple[int, int]:
+    try:
+        index, total = (int(v) for v in data[len("partition:"):].split("/"))
+    except ValueError:
+        raise UserInputError(f"--data '{data}' must be partition:I/N (e.g. partition:0/3) or npz:PATH") from None
+    if not 0 <= index < total:
+        raise UserInputError(f"--data '{data}': partition index must be in 0..{total - 1}")
+    return index, total
+
+
+def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
+    """Fail fast, with one line, on anything that would make the SuperNode useless."""
+    from common.certificates import check_key_pair, load_openssh_private_key
+
+    if spec.data.startswith("npz:"):
+        path = Path(spec.data[4:]).expanduser()
+        from common.datasets import load_dataset
+
+        load_dataset(f"npz:{path}")  # raises a clear error for a missing or malformed file
+    elif spec.data.startswith("partition:"):
+        _partition(spec.data)
+    else:
+        raise UserInputError(f"--data '{spec.data}' must be npz:PATH or partition:I/N")
+    if spec.budget_epsilon < 0 or np.isnan(spec.budget_epsilon):
+        raise UserInputError(f"--budget-epsilon must be >= 0 (got {spec.budget_epsilon})")
+    _check_state_dir(spec.state_dir)
+    if spec.private_key is not None:
+        load_openssh_private_key(spec.private_key)
+        public = spec.private_key.with_name(spec.private_key.name + ".pub")
+        if public.exists():
+            check_key_pair(spec.private_key, public)
+    if spec.ca_cert is not None:
+        _check_ca(spec.ca_cert)
+    host, port = parse_server(spec.server)
+    try:
+        with socket.create_connection((host, port), timeout=connect_timeout):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"cannot reach the server at {spec.server} ({exc.strerror or exc}); "
+                             "check --server and that 'fedpriv server' is running") from None
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    try:
+        (state_dir / "ledgers").mkdir(parents=True, exist_ok=True)
+        probe = state_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"--state-dir {state_dir} is not writable ({exc.strerror}); choose another folder") from None
+    for ledger in sorted((state_dir / "ledgers").glob("*.json")):
+        data = _read_ledger_header(ledger)
+        PrivacyLedger.load_or_create(ledger, data.get("client_id", ""), data.get("accountant", "rdp"),
+                                     float(data.get("delta", 1e-5)))
+
+
+def _read_ledger_header(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return data
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"privacy ledger {path} is corrupted ({exc.__class__.__name__}); restore it from "
+                             "backup — it is never reset automatically, since that would forget spent privacy") from None
+
+
+def _check_ca(path: Path) -> None:
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"--ca {path} is not a readable PEM certificate ({exc.__class__.__name__})") from None
+
+
+def supernode_argv(spec: ClientSpec) -> list[str]:
+    argv = ["flower-supernode", "--superlink", spec.server, "--node-config", node_config(spec),
+            "--port", str(spec.local_port)]
+    if spec.ca_cert is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(spec.ca_cert), "--auth-supernode-private-key", str(spec.private_key)]
+    return argv

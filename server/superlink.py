@@ -1,0 +1,157 @@
+"""``fedpriv server``: a Flower SuperLink with TLS and SuperNode authentication, plus the run on it.
+
+Flower's Deployment Runtime does the networking: ``flower-superlink`` serves clients over TLS,
+admits only SuperNodes whose public key was registered (``flwr supernode register``), and runs
+the ServerApp submitted with ``flwr run``. This module makes that one step: start the SuperLink
+(its state in a SQLite database inside the run folder, so a restart keeps registrations), register
+the data owners' keys, submit the run with the run config, follow it, and stop the SuperLink.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from common.config import RunConfig
+from common.errors import UserInputError
+from simulations.processes import Child, port_in_use, venv_env, wait_for_port
+
+CONNECTION = "fedpriv"
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App (pyproject.toml with [tool.flwr.app])
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The SuperLink's TLS material and the registered client public keys."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_public_keys: tuple[Path, ...]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, port: int, insecure: bool) -> None:
+    """Refuse plaintext off loopback and a port that is taken, before anything starts."""
+    if insecure and not is_loopback(host):
+        raise UserInputError(f"--insecure is only allowed on loopback addresses (got --host {host}); "
+                             "create certificates with 'fedpriv certs' and drop --insecure")
+    if port_in_use(host, port):
+        raise UserInputError(f"--port {port} on {host} is already in use; pick another port")
+
+
+class SuperLink:
+    """A running ``flower-superlink`` and the ``flwr`` CLI configured to talk to it."""
+
+    def __init__(self, run_dir: Path, host: str, port: int, tls: ServerTLS | None) -> None:
+        self.run_dir, self.host, self.port, self.tls = Path(run_dir), host, port, tls
+        self.home = self.run_dir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = venv_env({"FLWR_HOME": str(self.home)})
+        self.child: Child | None = None
+        self._write_connection()
+
+    def _write_connection(self) -> None:
+        client_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{client_host}:{self.port}"']
+        lines.append(f'root-certificates = "{self.tls.ca_cert}"' if self.tls else "insecure = true")
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 60.0) -> None:
+        argv = ["flower-superlink", "--host", self.host, "--port", str(self.port),
+                "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if self.tls:
+            argv += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                     "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth"]
+        else:
+            argv += ["--insecure"]
+        self.child = Child("superlink", argv, self.run_dir / "logs" / "superlink.log", env=self.env, cwd=self.run_dir)
+        probe_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        if not wait_for_port(probe_host, self.port, timeout, self.child):
+            tail = self.child.tail(3).replace("\n", " | ")
+            self.stop()
+            raise UserInputError(f"the SuperLink did not start on {self.host}:{self.port} ({tail}); "
+                                 f"see {self.run_dir / 'logs' / 'superlink.log'}")
+        time.sleep(1.0)  # the HTTP stack answers TCP slightly before its APIs are ready
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=self.env, cwd=self.run_dir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def register_keys(self) -> int:
+        """Register every client public key (already registered ones are fine). Returns the count."""
+        if not self.tls:
+            return 0
+        for key in self.tls.client_public_keys:
+            res = self.flwr("supernode", "register", str(key), CONNECTION, "--format", "json")
+            out = res.stdout + res.stderr
+            if res.returncode != 0 and "already" not in out.lower():
+                raise UserInputError(f"could not register client key {key}: {_last_line(out)}")
+        return len(self.tls.client_public_keys)
+
+    def submit(self, cfg: RunConfig) -> int:
+        """``flwr run`` the app with ``cfg`` as run config; returns Flower's run id."""
+        overrides = " ".join(f"{k}={_toml(v)}" for k, v in cfg.to_dict(kebab=True).items())
+        res = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", overrides, timeout=300)
+        match = re.search(r"started run (\d+)", res.stdout + res.stderr)
+        if res.returncode != 0 or not match:
+            raise UserInputError(f"flwr run failed: {_last_line(res.stdout + res.stderr)}")
+        return int(match.group(1))
+
+    def status(self, run_id: int) -> str:
+        """Flower's status of a run, e.g. ``running`` or ``finished:completed``."""
+        res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            runs = json.loads(res.stdout).get("runs", [])
+            return str(runs[0]["status"]) if runs else "unknown"
+        except (ValueError, KeyError, IndexError):
+            return "unknown"
+
+    def wait(self, run_id: int, poll: Callable[[], None] | None = None, timeout: float = 24 * 3600) -> str:
+        """Block until the run finishes (calling ``poll`` in between); returns the final status."""
+        deadline = time.monotonic() + timeout
+        last_check = 0.0
+        while time.monotonic() < deadline:
+            if self.child is not None and self.child.poll() is not None:
+                raise UserInputError(f"the SuperLink exited unexpectedly; see {self.child.log_path}")
+            if poll:
+                poll()
+            if time.monotonic() - last_check > 3:
+                last_check = time.monotonic()
+                status = self.status(run_id)
+                if status.startswith("finished"):
+                    return status
+            time.sleep(0.5)
+        return "timeout"
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
