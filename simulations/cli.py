@@ -5,7 +5,7 @@ import inspect
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -113,6 +113,181 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Folder of a finished ru
     console.print(results_table(rep))
     console.print(rep.markdown().split("## Privacy guarantee", 1)[1].split("##", 1)[0].strip())
     console.print(f"written: {run_dir / 'report.md'}, {run_dir / 'metrics.png'}, {run_dir / 'epsilon.png'}")
+
+
+@app.command()
+@guarded
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, server.pem/.key and clients/client-<i>[.pub].")],
+    host: Annotated[list[str], typer.Option("--host", help="Name or IP clients use to reach the server (repeat for several).")] = ["localhost", "127.0.0.1"],
+    clients: Annotated[int, typer.Option("--clients", help="Number of client key pairs for SuperNode authentication.")] = 2,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Make a CA, a server certificate for the given hosts and one key pair per client."""
+    from common.certificates import make_certificates
+
+    paths = make_certificates(out, hosts=host, num_clients=clients, force=force)
+    typer.echo(f"CA: {paths.ca_cert}\nserver: {paths.server_cert} (+ key, mode 0600) for {', '.join(host)}")
+    typer.echo(f"clients: {len(paths.client_private_keys)} key pairs in {paths.client_private_keys[0].parent} "
+               "(give client-<i> to data owner i; the server registers the .pub files)")
+
+
+@app.command()
+@guarded
+@config_options
+def server(
+    cfg: RunConfig,
+    certs: Annotated[Optional[Path], typer.Option("--certs", help="Folder made by 'fedpriv certs' (TLS + client keys).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port for clients and for submitting the run.")] = 9092,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no client authentication (loopback only).")] = False,
+) -> None:
+    """Start the SuperLink (TLS + client authentication) and run the federated job on it.
+
+    Clients join with 'fedpriv client'. Restarted with the same --run-dir, it resumes after the
+    last complete round.
+    """
+    cfg.validate()
+    from server.superlink import ServerTLS, SuperLink, check_bind
+    from server.run_dir import resolve_run_dir
+    from simulations.console import ReportWatcher, console, results_table
+    from simulations.preflight import preflight
+    from simulations.processes import install_signal_handlers
+
+    if certs is None and not insecure:
+        fail("--certs is required (make them with 'fedpriv certs'); --insecure is for loopback tests only")
+    tls = None
+    if certs is not None and not insecure:
+        from common.certificates import verify_server_certificate
+
+        tls = ServerTLS(certs / "ca.crt", certs / "server.pem", certs / "server.key",
+                        tuple(sorted((certs / "clients").glob("*.pub"))))
+        verify_server_certificate(tls.ca_cert, tls.server_cert, tls.server_key)
+        if not tls.client_public_keys:
+            fail(f"--certs {certs} has no clients/*.pub keys to admit; run 'fedpriv certs --clients N'")
+    check_bind(host, port, insecure)
+    preflight(cfg)
+    run_dir = resolve_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    from server.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir)
+    done = ckpt.server_round if ckpt else 0
+    install_signal_handlers()
+    link = SuperLink(run_dir, host, port, tls)
+    try:
+        link.start()
+        link.register_keys()
+        console.print(f"server listening on {host}:{port} ({'TLS + client keys' if tls else 'INSECURE'}); "
+                      + (f"resuming after round {done}; " if done else "")
+                      + f"run folder {run_dir}")
+        run_id = link.submit(cfg)
+        with ReportWatcher(run_dir, cfg.num_rounds, done) as watcher:
+            status = link.wait(run_id, poll=watcher.tick)
+    finally:
+        link.stop()
+    if status != "finished:completed":
+        fail(f"the run ended as '{status}'; see {run_dir / 'logs'} and 'flwr log' in {run_dir / 'flwr-home'}")
+    from server.report import RunReport
+
+    console.print(results_table(RunReport.load(run_dir)))
+    console.print(f"run folder: {run_dir}")
+
+
+@app.command()
+@guarded
+def client(
+    server: Annotated[str, typer.Option("--server", help="HOST:PORT of 'fedpriv server'.")],
+    data: Annotated[str, typer.Option("--data", help="npz:PATH (your records) or partition:I/N of the run's dataset.")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Where this data owner's privacy ledger lives.")],
+    budget_epsilon: Annotated[float, typer.Option("--budget-epsilon", help="Refuse rounds that would push epsilon past this (0 = none).")] = 0.0,
+    name: Annotated[str, typer.Option("--name", help="Name shown in the server's report.")] = "",
+    ca: Annotated[Optional[Path], typer.Option("--ca", help="CA certificate (ca.crt from 'fedpriv certs').")] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="This client's private key (clients/client-<i>).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback tests only).")] = False,
+    local_port: Annotated[int, typer.Option("--local-port", help="Port of the SuperNode's local API (0 = any free one).")] = 0,
+    max_wait: Annotated[float, typer.Option("--max-wait", help="Seconds to keep reconnecting to a lost server.")] = 300.0,
+) -> None:
+    """Join a federation as one data owner: a Flower SuperNode with this owner's data and ledger."""
+    from client.supernode import ClientSpec, parse_server, preflight, supernode_argv
+    from simulations.processes import free_port
+
+    if not insecure and (ca is None or key is None):
+        fail("--ca and --key are required (from 'fedpriv certs'); --insecure is for loopback tests only")
+    host, _ = parse_server(server)
+    if insecure:
+        from server.superlink import is_loopback
+
+        if not is_loopback(host):
+            fail(f"--insecure is only allowed against a loopback server (got {host}); use --ca and --key")
+    spec = ClientSpec(server=server, data=data, state_dir=state_dir, budget_epsilon=budget_epsilon,
+                      name=name or state_dir.resolve().name, ca_cert=None if insecure else ca,
+                      private_key=None if insecure else key, local_port=local_port or free_port())
+    preflight(spec)
+    argv = supernode_argv(spec) + ["--max-wait-time", str(max_wait)]
+    code, reason = _run_supernode(argv)
+    if code != 0:
+        fail(reason)
+
+
+def _run_supernode(argv: list[str]) -> tuple[int, str]:
+    """Run the SuperNode in the foreground, echoing its log; map known failures to one line."""
+    import subprocess
+
+    from simulations.processes import venv_env
+
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv_env())
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail = (tail + [line.strip()])[-40:]
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=15)
+        raise
+    text = "\n".join(tail)
+    if code == 0:
+        return 0, ""
+    if "Failed to activate SuperNode" in text or "No SuperNode found" in text:
+        return code, "the server refused this client: its public key is not registered there (ask the operator to add it)"
+    if "Server disconnected" in text or "SSL" in text or "certificate" in text.lower():
+        return code, "TLS handshake with the server failed: check --ca, and do not use --insecure against a TLS server"
+    return code, f"the SuperNode exited with code {code}: {tail[-1] if tail else 'no output'}"
+
+
+@app.command()
+@guarded
+@config_options
+def federation(cfg: RunConfig) -> None:
+    """Launch the server and --num-clients clients as separate processes on 127.0.0.1 (TLS, fresh keys).
+
+    Each process logs to <run-dir>/logs/; all of them are stopped at the end, on error and on Ctrl-C.
+    """
+    cfg.validate()
+    from server.report import RunReport
+    from server.run_dir import resolve_run_dir
+    from simulations.console import ReportWatcher, console, results_table
+    from simulations.federation import LocalFederation
+    from simulations.preflight import preflight
+    from simulations.processes import install_signal_handlers
+
+    preflight(cfg)
+    run_dir = resolve_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    install_signal_handlers()
+    console.print(f"[bold]fedpriv federation[/]: 1 server + {cfg.num_clients} client processes on 127.0.0.1, "
+                  f"logs in {run_dir / 'logs'}")
+    with LocalFederation(cfg, run_dir) as fed:
+        fed.start()
+        with ReportWatcher(run_dir, cfg.num_rounds) as watcher:
+            code = fed.wait(on_tick=watcher.tick)
+    if code != 0:
+        fail(f"the server exited with code {code}; see {run_dir / 'logs' / 'server.log'}")
+    console.print(results_table(RunReport.load(run_dir)))
+    console.print(f"run folder: {run_dir}")
 
 
 def main() -> None:

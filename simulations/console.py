@@ -61,3 +61,41 @@ def results_table(report: RunReport) -> Table:
     for r in report.rounds:
         table.add_row(str(r["round"]), *[f"{r['metrics'][n]:.4f}" for n in names], fmt_eps(r["max_epsilon"]))
     return table
+
+
+class ReportWatcher:
+    """Progress of a run in another process, read from its ``report.json`` as rounds complete."""
+
+    def __init__(self, run_dir, num_rounds: int, first_round: int = 0) -> None:
+        from pathlib import Path
+
+        self.path = Path(run_dir) / "report.json"
+        self.progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[info]}"), console=console)
+        self.task = self.progress.add_task("rounds", total=num_rounds, completed=first_round, info="waiting for clients")
+        self.seen = first_round
+
+    def __enter__(self) -> "ReportWatcher":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tick()
+        self.progress.stop()
+
+    def tick(self) -> None:
+        import json
+
+        try:
+            rounds = json.loads(self.path.read_text())["rounds"]
+        except (OSError, ValueError, KeyError):
+            return
+        if len(rounds) != self.seen and rounds:
+            self.seen = len(rounds)
+            last = rounds[-1]
+            metrics = last["metrics"]
+            main = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else f"mse {metrics.get('mse', 0):.4f}"
+            eps = last.get("max_epsilon", 0)
+            eps_text = "∞" if eps == "inf" else f"{float(eps):.2f}"
+            info = f"round {last['round']}: {main} · max ε {eps_text} · trained {len(last.get('trained', []))}"
+            self.progress.update(self.task, completed=len(rounds), info=info)
