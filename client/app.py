@@ -47,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round: refuse if over budget, else train with DP-SGD and persist the ledger first."""
     cfg = RunConfig.from_mapping(dict(msg.content[records.CONFIG]), ignore_unknown=True)
     server_round = int(msg.content[records.CONFIG].get("server-round", 0))
-    run_id = str(msg.metadata.run_id)
+    run_id = str(msg.content[records.CONFIG].get("run-uid", msg.metadata.run_id))
     if "partition-id" in context.node_config:  # simulated clients share the machine's cores
         torch.set_num_threads(max(1, int(cfg.client_cpus)))
     data = local_data(cfg, dict(context.node_config))
@@ -74,6 +74,11 @@ def train(msg: Message, context: Context) -> Message:
         ledger.entries.append(LedgerEntry(run_id, server_round, result.noise_multiplier, result.sample_rate,
                                           result.steps, result.epsilon))
         ledger.save(path)  # persisted before the update leaves this machine
+    privacy.update({  # the whole ledger, so the server's report can account for every round ever trained
+        "ledger-run": [e.run_id for e in ledger.entries], "ledger-round": [e.round for e in ledger.entries],
+        "ledger-noise": [e.noise_multiplier for e in ledger.entries],
+        "ledger-rate": [e.sample_rate for e in ledger.entries], "ledger-steps": [e.steps for e in ledger.entries],
+    } if ledger.entries else {})
     metrics = MetricRecord({
         records.NUM_EXAMPLES: result.num_examples,
         records.DECLINED: 0,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
@@ -26,7 +28,7 @@ from common.models import check_fit, model_from_config
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from server.report import RunReport
 from server.strategy_factory import build_strategy
-from server.update_validation import update_problem
+from server.update_validation import dp_update_bound, update_problem
 
 log = logging.getLogger("fedpriv.server")
 
@@ -57,7 +59,7 @@ class Sorted:
     accepted: list[Message]
     declined: list[str]
     rejected: dict[str, str]
-    failed: int
+    missed: list[str]  # sampled but no usable reply: crashed, disconnected or timed out
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -84,10 +86,14 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         first_round = ckpt.server_round + 1
         log.info("resuming %s after round %d", run_dir, ckpt.server_round)
     else:
-        report = RunReport(run=_run_summary(cfg), delta=cfg.delta, accountant=cfg.accountant, dp=cfg.dp)
+        report = RunReport(run={"uid": uuid.uuid4().hex[:12], **_run_summary(cfg)}, delta=cfg.delta,
+                           accountant=cfg.accountant, dp=cfg.dp)
         first_round = 1
     arrays = ArrayRecord(model.state_dict())
-    train_config = ConfigRecord({**cfg.to_dict(kebab=True), "run-dir": str(run_dir.resolve())})
+    node_names: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
+    # The run uid (kept across server restarts) labels the clients' ledger entries of this run.
+    train_config = ConfigRecord({**cfg.to_dict(kebab=True), "run-dir": str(run_dir.resolve()),
+                                 "run-uid": str(report.run["uid"])})
 
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.monotonic()
@@ -95,7 +101,8 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         observer.round_started(server_round, cfg.num_rounds, len(messages))
         replies = _send_and_receive(grid, messages, cfg.round_timeout,
                                     lambda done: observer.client_replied(server_round, done, len(messages)))
-        replies_sorted = _sort_replies(replies, arrays, len(messages), report, server_round)
+        sampled = [m.metadata.dst_node_id for m in messages]
+        replies_sorted = _sort_replies(replies, arrays, sampled, report, server_round, cfg, node_names)
         if replies_sorted.accepted:
             new_arrays, _ = strategy.aggregate_train(server_round, replies_sorted.accepted)
             if new_arrays is not None:
@@ -108,7 +115,7 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
             "trained": sorted(_client_id(m) for m in replies_sorted.accepted),
             "declined": sorted(replies_sorted.declined),
             "rejected": replies_sorted.rejected,
-            "failed": replies_sorted.failed,
+            "missed": replies_sorted.missed,
             "seconds": round(time.monotonic() - started, 3),
         }
         report.add_round(server_round, metrics, participation)
@@ -137,19 +144,37 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, on_re
     return replies
 
 
+def _ledger_of(msg: Message) -> list[dict] | None:
+    """The client's whole ledger as sent in its reply (all runs, interrupted rounds too), if any."""
+    privacy = msg.content[records.PRIVACY]
+    if "ledger-steps" not in privacy:
+        return None
+    columns = [privacy[k] for k in ("ledger-run", "ledger-round", "ledger-noise", "ledger-rate", "ledger-steps")]
+    return [{"run": r, "round": int(n), "noise_multiplier": float(z), "sample_rate": float(q), "steps": int(t)}
+            for r, n, z, q, t in zip(*columns)]
+
+
 def _client_id(msg: Message) -> str:
     return str(msg.content[records.PRIVACY]["client-id"])
 
 
-def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, expected: int, report: RunReport,
-                  server_round: int) -> Sorted:
+def _max_norm(cfg: RunConfig, reference: ArrayRecord, metrics) -> float | None:
+    if not cfg.dp:
+        return None  # without clipping there is no bound to hold an update to
+    num_params = sum(int(np.prod(reference[k].shape)) for k in reference.keys())
+    return dp_update_bound(num_params, int(metrics["steps"]), cfg.learning_rate, cfg.momentum, cfg.max_grad_norm,
+                           cfg.noise_multiplier, cfg.batch_size)
+
+
+def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: list[int], report: RunReport,
+                  server_round: int, cfg: RunConfig, node_names: dict[int, str]) -> Sorted:
     """Record every reply's privacy spend, then keep only well-formed updates for aggregation."""
     replies = list(replies)
     accepted, declined, rejected = [], [], {}
-    failed = expected - len(replies)  # no reply before the round's timeout
+    answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+    missed = [node_names.get(n, f"node-{n}") for n in sampled if n not in answered]
     for msg in replies:
         if msg.has_error():
-            failed += 1
             log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
             continue
         try:
@@ -158,6 +183,7 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, expected: 
         except KeyError:
             rejected[f"node-{msg.metadata.src_node_id}"] = "reply lacks privacy or metric records"
             continue
+        node_names[msg.metadata.src_node_id] = client
         if int(metrics.get(records.DECLINED, 0)):
             declined.append(client)
             log.warning("round %d: %s declined: %s", server_round, client,
@@ -165,15 +191,18 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, expected: 
             continue
         # The client trained: its privacy is spent whether or not its update is usable.
         report.record_training(client, server_round, float(metrics["noise-multiplier"]),
-                               float(metrics["sample-rate"]), int(metrics["steps"]), float(metrics["epsilon"]))
-        problem = (update_problem(msg.content[records.ARRAYS], reference)
+                               float(metrics["sample-rate"]), int(metrics["steps"]), float(metrics["epsilon"]),
+                               ledger=_ledger_of(msg))
+        problem = (update_problem(msg.content[records.ARRAYS], reference, _max_norm(cfg, reference, metrics))
                    if records.ARRAYS in msg.content.array_records else "reply carries no model update")
         if problem:
             rejected[client] = problem
             log.warning("round %d: dropped update of %s: %s", server_round, client, problem)
             continue
         accepted.append(msg)
-    return Sorted(accepted, declined, rejected, failed)
+    for name in missed:
+        log.warning("round %d: no usable reply from %s", server_round, name)
+    return Sorted(accepted, declined, rejected, sorted(missed))
 
 
 def _run_summary(cfg: RunConfig) -> dict:

@@ -41,12 +41,18 @@ class RunReport:
 
     # ------------------------------------------------------------- building
     def record_training(self, client_id: str, server_round: int, noise: float, rate: float, steps: int,
-                        epsilon: float) -> None:
-        """Add one round of a client's local training, with its cumulative epsilon."""
+                        epsilon: float, ledger: list[dict] | None = None) -> None:
+        """Add one round of a client's local training, with its cumulative epsilon.
+
+        ``ledger`` is the client's whole ledger: it can hold more than this run's history (earlier
+        runs on the same data, rounds trained before a server restart), and epsilon covers all of it.
+        """
         entry = self.clients.setdefault(client_id, {"epsilon": 0.0 if self.dp else math.inf, "history": []})
         entry["history"].append({"round": server_round, "noise_multiplier": noise, "sample_rate": rate,
                                  "steps": steps, "epsilon": epsilon})
         entry["epsilon"] = epsilon
+        if ledger is not None:
+            entry["ledger"] = ledger
 
     def add_round(self, server_round: int, metrics: dict[str, float], participation: dict[str, Any]) -> None:
         self.rounds.append({"round": server_round, "metrics": metrics, "max_epsilon": self.max_epsilon(),
@@ -69,7 +75,7 @@ class RunReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunReport":
         privacy = data["privacy"]
-        clients = {cid: {"epsilon": float(c["epsilon"]),
+        clients = {cid: {**c, "epsilon": float(c["epsilon"]),
                          "history": [{**h, "epsilon": float(h["epsilon"])} for h in c["history"]]}
                    for cid, c in privacy["clients"].items()}
         rounds = [{**r, "max_epsilon": float(r.get("max_epsilon", 0.0))} for r in data["rounds"]]
@@ -115,19 +121,24 @@ class RunReport:
         for r in self.rounds:
             vals = " | ".join(_fmt(r["metrics"].get(n)) for n in names)
             lines.append(f"| {r['round']} | {vals} | {_fmt_eps(r['max_epsilon'])} | {len(r.get('trained', []))} |")
-        lines += ["", "## Per-client privacy", "", "| client | rounds trained | steps | epsilon |", "|---|---|---|---|"]
+        lines += ["", "## Per-client privacy", "",
+                  "| client | rounds trained | steps | earlier rounds in its ledger | epsilon (all of them) |",
+                  "|---|---|---|---|---|"]
         for cid in sorted(self.clients, key=_natural):
             c = self.clients[cid]
-            lines.append(f"| {cid} | {len(c['history'])} | {sum(h['steps'] for h in c['history'])} | {_fmt_eps(c['epsilon'])} |")
-        missed = [(r["round"], r.get("declined", []), r.get("rejected", {})) for r in self.rounds
-                  if r.get("declined") or r.get("rejected")]
-        if missed:
+            earlier = max(0, len(c.get("ledger", c["history"])) - len(c["history"]))
+            lines.append(f"| {cid} | {len(c['history'])} | {sum(h['steps'] for h in c['history'])} | {earlier} | "
+                         f"{_fmt_eps(c['epsilon'])} |")
+        left_out = [r for r in self.rounds if r.get("declined") or r.get("rejected") or r.get("missed")]
+        if left_out:
             lines += ["", "## Clients left out of rounds", ""]
-            for rnd, declined, rejected in missed:
-                for cid in declined:
-                    lines.append(f"- round {rnd}: {cid} declined (privacy budget)")
-                for cid, why in rejected.items():
-                    lines.append(f"- round {rnd}: update of {cid} dropped: {why}")
+            for r in left_out:
+                for cid in r.get("declined", []):
+                    lines.append(f"- round {r['round']}: {cid} declined (privacy budget)")
+                for cid, why in r.get("rejected", {}).items():
+                    lines.append(f"- round {r['round']}: update of {cid} dropped: {why}")
+                for cid in r.get("missed", []):
+                    lines.append(f"- round {r['round']}: {cid} missed the round (no reply)")
         lines += ["", "Plots: `metrics.png` (test metrics per round), `epsilon.png` (cumulative epsilon per client).", ""]
         return "\n".join(lines)
 

@@ -6,8 +6,9 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 
-def update_problem(update: ArrayRecord, reference: ArrayRecord) -> str | None:
-    """Why an update must be dropped (wrong keys, shapes, dtypes, non-finite values), or None."""
+def update_problem(update: ArrayRecord, reference: ArrayRecord, max_norm: float | None = None) -> str | None:
+    """Why an update must be dropped (wrong keys, shapes, dtypes, non-finite values, a change far
+    larger than DP-SGD's clipping allows), or None."""
     if list(update.keys()) != list(reference.keys()):
         missing = set(reference.keys()) - set(update.keys())
         extra = set(update.keys()) - set(reference.keys())
@@ -24,4 +25,30 @@ def update_problem(update: ArrayRecord, reference: ArrayRecord) -> str | None:
             return f"parameter '{name}' cannot be decoded ({exc})"
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"parameter '{name}' contains NaN or infinite values"
+    if max_norm is not None:
+        norm = update_norm(update, reference)
+        if norm > max_norm:
+            return f"update norm {norm:.3g} exceeds the bound {max_norm:.3g} that clipping and noise allow"
     return None
+
+
+def update_norm(update: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of (update - reference) over all floating-point parameters."""
+    total = 0.0
+    for name in reference.keys():
+        ref = reference[name].numpy()
+        if np.issubdtype(ref.dtype, np.floating):
+            total += float(np.sum((update[name].numpy().astype(np.float64) - ref) ** 2))
+    return total ** 0.5
+
+
+def dp_update_bound(num_params: int, steps: int, learning_rate: float, momentum: float, clip: float,
+                    noise_multiplier: float, batch_size: int, slack: float = 3.0) -> float:
+    """A generous upper bound on how far honest DP-SGD can move the weights in one round.
+
+    Each step moves at most lr * (C + noise), the noise's norm being about sigma*C*sqrt(d)/B for
+    the expected batch size B; momentum scales steps by at most 1/(1-mu); the triangle inequality
+    over steps is loose already, and ``slack`` adds margin. Updates beyond it are not DP-SGD's.
+    """
+    per_step = clip * (1.0 + noise_multiplier * (num_params ** 0.5 + 10.0) / max(batch_size, 1))
+    return slack * learning_rate / (1.0 - momentum) * max(steps, 1) * per_step

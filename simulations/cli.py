@@ -2,6 +2,7 @@
 
 
 import inspect
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -43,7 +44,7 @@ def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(exc, FederationFailed):
                 fail(str(exc))
             typer.echo(f"error: unexpected {exc.__class__.__name__}: {exc} (set FEDPRIV_DEBUG=1 for details)", err=True)
-            if __import__("os").environ.get("FEDPRIV_DEBUG"):
+            if os.environ.get("FEDPRIV_DEBUG"):
                 raise
             raise typer.Exit(1)
 
@@ -206,7 +207,8 @@ def client(
     key: Annotated[Optional[Path], typer.Option("--key", help="This client's private key (clients/client-<i>).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (loopback tests only).")] = False,
     local_port: Annotated[int, typer.Option("--local-port", help="Port of the SuperNode's local API (0 = any free one).")] = 0,
-    max_wait: Annotated[float, typer.Option("--max-wait", help="Seconds to keep reconnecting to a lost server.")] = 300.0,
+    max_wait: Annotated[float, typer.Option("--max-wait", help="Longest wait in seconds between reconnection attempts.")] = 60.0,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="Give up after this many failed connection attempts (0 = never).")] = 0,
 ) -> None:
     """Join a federation as one data owner: a Flower SuperNode with this owner's data and ledger."""
     from client.supernode import ClientSpec, parse_server, preflight, supernode_argv
@@ -225,29 +227,55 @@ def client(
                       private_key=None if insecure else key, local_port=local_port or free_port())
     preflight(spec)
     argv = supernode_argv(spec) + ["--max-wait-time", str(max_wait)]
+    if max_retries > 0:
+        argv += ["--max-retries", str(max_retries)]
     code, reason = _run_supernode(argv)
     if code != 0:
         fail(reason)
 
 
 def _run_supernode(argv: list[str]) -> tuple[int, str]:
-    """Run the SuperNode in the foreground, echoing its log; map known failures to one line."""
+    """Run the SuperNode in the foreground, echoing its log; map known failures to one line.
+
+    The SuperNode starts a SuperExec child that may outlive it and keep the log pipe open, so the
+    wait is on the SuperNode itself, and every descendant seen meanwhile is stopped afterwards.
+    """
+    import signal
     import subprocess
+    import threading
+    import time
 
-    from simulations.processes import venv_env
+    from simulations.processes import descendants, die_with_parent, venv_env
 
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv_env())
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv_env(),
+                            preexec_fn=die_with_parent)
     tail: list[str] = []
-    try:
+
+    def pump() -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            tail = (tail + [line.strip()])[-40:]
-        code = proc.wait()
+            tail.append(line.strip())
+            del tail[:-40]
+
+    threading.Thread(target=pump, daemon=True).start()
+    family: set[int] = set()
+    try:
+        while proc.poll() is None:
+            family.update(descendants(proc.pid))
+            time.sleep(0.5)
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=15)
         raise
+    finally:
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    time.sleep(0.3)  # let the pump catch the last lines
+    code = proc.returncode
     text = "\n".join(tail)
     if code == 0:
         return 0, ""

@@ -40,8 +40,9 @@ class RoundProgress:
         metrics = summary["metrics"]
         main = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else f"mse {metrics['mse']:.4f}"
         extra = ""
-        if summary.get("declined") or summary.get("rejected") or summary.get("failed"):
-            extra = f" · declined {len(summary['declined'])} dropped {len(summary['rejected'])} failed {summary['failed']}"
+        if summary.get("declined") or summary.get("rejected") or summary.get("missed"):
+            extra = (f" · declined {len(summary['declined'])} dropped {len(summary['rejected'])}"
+                     f" missed {len(summary['missed'])}")
         self.progress.update(self.tasks[server_round], info=f"{main} · max ε {fmt_eps(summary['max_epsilon'])}{extra}")
 
 

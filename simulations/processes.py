@@ -20,12 +20,13 @@ class Child:
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> None:
+        """Start it; if this process dies, even by SIGKILL, the child gets SIGTERM (no orphans)."""
         self.name = name
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab", buffering=0)
         self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=cwd, start_new_session=True)
+                                     env=env, cwd=cwd, start_new_session=True, preexec_fn=die_with_parent)
         _LIVE.append(self)
 
     @property
@@ -42,7 +43,12 @@ class Child:
             pass
 
     def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds.
+
+        Descendants that moved to a session of their own (Flower's SuperExec does) are found
+        through /proc first and killed last, so nothing outlives the stop.
+        """
+        family = descendants(self.proc.pid)
         if self.proc.poll() is None:
             self.signal_group(signal.SIGTERM)
             try:
@@ -50,6 +56,11 @@ class Child:
             except subprocess.TimeoutExpired:
                 pass
         self.signal_group(signal.SIGKILL)  # grandchildren (e.g. Flower's app processes) too
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -69,6 +80,34 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGTERM the child when its parent exits (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: stop_all() at exit and the signal handlers still cover normal exits
 
 
 def stop_all() -> None:

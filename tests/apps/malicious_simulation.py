@@ -1,0 +1,51 @@
+"""A simulation in which some data owners send malformed updates; used by the tests.
+
+client-0 sends NaN weights, client-1 a tensor of the wrong shape, client-2 an update a thousand
+times larger than DP-SGD could produce; the others are the real, honest ClientApp. The server is
+the real ServerApp loop. Usage: python -m tests.apps.malicious_simulation RUN_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+
+from client.app import train as honest_train
+from common import records
+from common.config import RunConfig
+from server.app import build_server_app
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    reply = honest_train(msg, context)
+    pid = int(context.node_config["partition-id"])
+    if pid > 2:
+        return reply
+    sent = msg.content[records.ARRAYS]
+    arrays = reply.content[records.ARRAYS]
+    tampered = {}
+    for i, name in enumerate(arrays.keys()):
+        value = arrays[name].numpy().copy()
+        if pid == 0 and i == 0:
+            value[...] = np.nan
+        elif pid == 1 and i == 0:
+            value = np.zeros((3, 3), dtype=value.dtype)
+        elif pid == 2:
+            value = sent[name].numpy() + 1000.0 * (value - sent[name].numpy()) + 10.0
+        tampered[name] = Array(value)
+    reply.content[records.ARRAYS] = ArrayRecord(tampered)
+    return reply
+
+
+if __name__ == "__main__":
+    cfg = RunConfig(num_clients=5, num_rounds=2, run_dir=sys.argv[1]).validate()
+    run_simulation(server_app=build_server_app(cfg), client_app=app, num_supernodes=5,
+                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
