@@ -69,3 +69,18 @@ def test_non_private_run_reports_infinite_epsilon_and_report_rerenders(fedpriv, 
     assert again.returncode == 0, again.stderr
     assert (run_dir / "report.md").is_file() and (run_dir / "epsilon.png").is_file()
     assert "without differential privacy" in (run_dir / "report.md").read_text()
+
+
+def test_clients_decline_rounds_beyond_their_budget(fedpriv, tmp_path):
+    run_dir = tmp_path / "run"
+    result = fedpriv("simulate", "--num-clients", "3", "--num-rounds", "3", "--budget-epsilon", "3.2",
+                     "--run-dir", str(run_dir), timeout=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    first, last = report["rounds"][0], report["rounds"][-1]
+    assert first["trained"] == ["client-0", "client-1", "client-2"]
+    assert last["declined"] == ["client-0", "client-1", "client-2"] and last["trained"] == []
+    for client in report["privacy"]["clients"].values():
+        assert client["epsilon"] <= 3.2
+        assert len(client["history"]) == 2
+    assert "declined (privacy budget)" in (run_dir / "report.md").read_text()
