@@ -62,7 +62,7 @@ def test_federation_command_runs_and_leaves_no_process(fedpriv, tmp_path):
 
 def test_client_killed_mid_run(tmp_path):
     run_dir = tmp_path / "fed"
-    cfg = RunConfig(num_clients=3, num_rounds=2, min_clients=2, round_timeout=30, run_dir=str(run_dir)).validate()
+    cfg = RunConfig(num_clients=3, num_rounds=2, min_clients=2, round_timeout=75, run_dir=str(run_dir)).validate()
     with LocalFederation(cfg, run_dir) as fed:
         fed.start()
         _wait_for_round(fed, run_dir, 1)
