@@ -229,12 +229,12 @@ def client(
     argv = supernode_argv(spec) + ["--max-wait-time", str(max_wait)]
     if max_retries > 0:
         argv += ["--max-retries", str(max_retries)]
-    code, reason = _run_supernode(argv)
+    code, reason = _run_supernode(argv, insecure=insecure)
     if code != 0:
         fail(reason)
 
 
-def _run_supernode(argv: list[str]) -> tuple[int, str]:
+def _run_supernode(argv: list[str], insecure: bool = False) -> tuple[int, str]:
     """Run the SuperNode in the foreground, echoing its log; map known failures to one line.
 
     The SuperNode starts a SuperExec child that may outlive it and keep the log pipe open, so the
@@ -281,6 +281,9 @@ def _run_supernode(argv: list[str]) -> tuple[int, str]:
         return 0, ""
     if "Failed to activate SuperNode" in text or "No SuperNode found" in text:
         return code, "the server refused this client: its public key is not registered there (ask the operator to add it)"
+    if insecure:
+        return code, ("TLS handshake with the server failed: it did not accept a plaintext (--insecure) client; "
+                      "connect with --ca and --key")
     if "Server disconnected" in text or "SSL" in text or "certificate" in text.lower():
         return code, "TLS handshake with the server failed: check --ca, and do not use --insecure against a TLS server"
     return code, f"the SuperNode exited with code {code}: {tail[-1] if tail else 'no output'}"
