@@ -9,7 +9,13 @@ one line before any process starts.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,7 @@ import numpy as np
 
 from common.errors import UserInputError
 from common.privacy import PrivacyLedger
+from simulations.processes import descendants, die_with_parent, venv_env
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def _partition(data: str) -> tuple[int, int]:
 
 def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
     """Fail fast, with one line, on anything that would make the SuperNode useless."""
-    from common.certificates import check_key_pair, load_openssh_private_key
+    from common.certificates import check_key_pair, load_certificate, load_openssh_private_key
 
     if spec.data.startswith("npz:"):
         path = Path(spec.data[4:]).expanduser()
@@ -85,7 +92,7 @@ def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
         if public.exists():
             check_key_pair(spec.private_key, public)
     if spec.ca_cert is not None:
-        _check_ca(spec.ca_cert)
+        load_certificate(spec.ca_cert, "--ca certificate")
     host, port = parse_server(spec.server)
     try:
         with socket.create_connection((host, port), timeout=connect_timeout):
@@ -104,29 +111,7 @@ def _check_state_dir(state_dir: Path) -> None:
     except OSError as exc:
         raise UserInputError(f"--state-dir {state_dir} is not writable ({exc.strerror}); choose another folder") from None
     for ledger in sorted((state_dir / "ledgers").glob("*.json")):
-        data = _read_ledger_header(ledger)
-        PrivacyLedger.load_or_create(ledger, data.get("client_id", ""), data.get("accountant", "rdp"),
-                                     float(data.get("delta", 1e-5)))
-
-
-def _read_ledger_header(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not an object")
-        return data
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"privacy ledger {path} is corrupted ({exc.__class__.__name__}); restore it from "
-                             "backup — it is never reset automatically, since that would forget spent privacy") from None
-
-
-def _check_ca(path: Path) -> None:
-    from cryptography import x509
-
-    try:
-        x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"--ca {path} is not a readable PEM certificate ({exc.__class__.__name__})") from None
+        PrivacyLedger.load(ledger)  # a corrupted ledger stops the client here, untouched
 
 
 def supernode_argv(spec: ClientSpec) -> list[str]:
@@ -137,3 +122,51 @@ def supernode_argv(spec: ClientSpec) -> list[str]:
     else:
         argv += ["--root-certificates", str(spec.ca_cert), "--auth-supernode-private-key", str(spec.private_key)]
     return argv
+
+
+def run_supernode(argv: list[str], insecure: bool = False) -> tuple[int, str]:
+    """Run the SuperNode in the foreground, echoing its log; map known failures to one line.
+
+    The SuperNode starts a SuperExec child that may outlive it and keep the log pipe open, so the
+    wait is on the SuperNode itself, and every descendant seen meanwhile is stopped afterwards.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv_env(),
+                            preexec_fn=die_with_parent)
+    tail: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line.strip())
+            del tail[:-40]
+
+    threading.Thread(target=pump, daemon=True).start()
+    family: set[int] = set()
+    try:
+        while proc.poll() is None:
+            family.update(descendants(proc.pid))
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=15)
+        raise
+    finally:
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+    time.sleep(0.3)  # let the pump catch the last lines
+    code = proc.returncode
+    text = "\n".join(tail)
+    if code == 0:
+        return 0, ""
+    if "Failed to activate SuperNode" in text or "No SuperNode found" in text:
+        return code, "the server refused this client: its public key is not registered there (ask the operator to add it)"
+    if insecure:
+        return code, ("TLS handshake with the server failed: it did not accept a plaintext (--insecure) client; "
+                      "connect with --ca and --key")
+    if "Server disconnected" in text or "SSL" in text or "certificate" in text.lower():
+        return code, "TLS handshake with the server failed: check --ca, and do not use --insecure against a TLS server"
+    return code, f"the SuperNode exited with code {code}: {tail[-1] if tail else 'no output'}"

@@ -54,8 +54,3 @@ def read_json(path: Path) -> Any:
     """Read JSON written by :func:`write_json`."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def as_float(value: Any) -> float:
-    """Inverse of the JSON encoding above: "inf" back to float('inf')."""
-    return float(value)

@@ -40,6 +40,7 @@ __all__ = [
     "CertPaths",
     "make_certificates",
     "check_key_pair",
+    "load_certificate",
     "load_openssh_private_key",
     "verify_server_certificate",
 ]
@@ -404,7 +405,8 @@ def check_key_pair(private_key_path: Path, public_key_path: Path) -> None:
                              "register the .pub file made together with this private key")
 
 
-def _load_cert(path: Path, what: str) -> x509.Certificate:
+def load_certificate(path: Path, what: str) -> x509.Certificate:
+    """A PEM or DER certificate; a one-line error naming ``what`` and the path otherwise."""
     data = _read(path, what)
     try:
         return x509.load_pem_x509_certificate(data)
@@ -418,8 +420,8 @@ def _load_cert(path: Path, what: str) -> x509.Certificate:
 def verify_server_certificate(ca_cert: Path, server_cert: Path, server_key: Path) -> None:
     """Check the SuperLink TLS files before starting it: gRPC reports a wrong CA or a cert/key
     mismatch only as a vague handshake failure on the SuperNode side."""
-    ca = _load_cert(ca_cert, "CA certificate")
-    cert = _load_cert(server_cert, "server certificate")
+    ca = load_certificate(ca_cert, "CA certificate")
+    cert = load_certificate(server_cert, "server certificate")
     key_data = _read(server_key, "server key")
     try:
         key = serialization.load_pem_private_key(key_data, password=None)

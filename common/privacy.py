@@ -122,6 +122,17 @@ class PrivacyLedger:
         """Load a ledger; a new one if absent. A damaged or mismatching ledger is an error, never reset."""
         if not path.exists():
             return cls(client_id=client_id, accountant=accountant, delta=delta)
+        ledger = cls.load(path)
+        if ledger.accountant != accountant or not math.isclose(ledger.delta, delta):
+            raise UserInputError(
+                f"privacy ledger {path} was kept with accountant={ledger.accountant}, delta={ledger.delta}; "
+                f"this run asks for accountant={accountant}, delta={delta}: use the ledger's settings"
+            )
+        return ledger
+
+    @classmethod
+    def load(cls, path: Path) -> "PrivacyLedger":
+        """Read a stored ledger as it is; a damaged one is a one-line error, never reset."""
         try:
             data = read_json(path)
             entries = [_checked_entry(e) for e in data["entries"]]
@@ -132,11 +143,6 @@ class PrivacyLedger:
                 f"privacy ledger {path} is corrupted ({exc.__class__.__name__}); restore it from backup — "
                 "it is never reset automatically, since that would forget spent privacy"
             ) from None
-        if ledger.accountant != accountant or not math.isclose(ledger.delta, delta):
-            raise UserInputError(
-                f"privacy ledger {path} was kept with accountant={ledger.accountant}, delta={ledger.delta}; "
-                f"this run asks for accountant={accountant}, delta={delta}: use the ledger's settings"
-            )
         return ledger
 
 

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from common import records
 from common.atomic_io import write_json
 from common.config import RunConfig
-from common.datasets import Dataset, load_dataset
+from common.datasets import load_dataset
 from common.evaluation import evaluate
 from common.models import check_fit, model_from_config
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model

@@ -211,7 +211,7 @@ def client(
     max_retries: Annotated[int, typer.Option("--max-retries", help="Give up after this many failed connection attempts (0 = never).")] = 0,
 ) -> None:
     """Join a federation as one data owner: a Flower SuperNode with this owner's data and ledger."""
-    from client.supernode import ClientSpec, parse_server, preflight, supernode_argv
+    from client.supernode import ClientSpec, parse_server, preflight, run_supernode, supernode_argv
     from simulations.processes import free_port
 
     if not insecure and (ca is None or key is None):
@@ -229,64 +229,9 @@ def client(
     argv = supernode_argv(spec) + ["--max-wait-time", str(max_wait)]
     if max_retries > 0:
         argv += ["--max-retries", str(max_retries)]
-    code, reason = _run_supernode(argv, insecure=insecure)
+    code, reason = run_supernode(argv, insecure=insecure)
     if code != 0:
         fail(reason)
-
-
-def _run_supernode(argv: list[str], insecure: bool = False) -> tuple[int, str]:
-    """Run the SuperNode in the foreground, echoing its log; map known failures to one line.
-
-    The SuperNode starts a SuperExec child that may outlive it and keep the log pipe open, so the
-    wait is on the SuperNode itself, and every descendant seen meanwhile is stopped afterwards.
-    """
-    import signal
-    import subprocess
-    import threading
-    import time
-
-    from simulations.processes import descendants, die_with_parent, venv_env
-
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=venv_env(),
-                            preexec_fn=die_with_parent)
-    tail: list[str] = []
-
-    def pump() -> None:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            tail.append(line.strip())
-            del tail[:-40]
-
-    threading.Thread(target=pump, daemon=True).start()
-    family: set[int] = set()
-    try:
-        while proc.poll() is None:
-            family.update(descendants(proc.pid))
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=15)
-        raise
-    finally:
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-    time.sleep(0.3)  # let the pump catch the last lines
-    code = proc.returncode
-    text = "\n".join(tail)
-    if code == 0:
-        return 0, ""
-    if "Failed to activate SuperNode" in text or "No SuperNode found" in text:
-        return code, "the server refused this client: its public key is not registered there (ask the operator to add it)"
-    if insecure:
-        return code, ("TLS handshake with the server failed: it did not accept a plaintext (--insecure) client; "
-                      "connect with --ca and --key")
-    if "Server disconnected" in text or "SSL" in text or "certificate" in text.lower():
-        return code, "TLS handshake with the server failed: check --ca, and do not use --insecure against a TLS server"
-    return code, f"the SuperNode exited with code {code}: {tail[-1] if tail else 'no output'}"
 
 
 @app.command()

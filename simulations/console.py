@@ -37,17 +37,22 @@ class RoundProgress:
         self.progress.update(self.tasks[server_round], completed=replied)
 
     def round_finished(self, server_round: int, summary: dict) -> None:
-        metrics = summary["metrics"]
-        main = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else f"mse {metrics['mse']:.4f}"
         extra = ""
         if summary.get("declined") or summary.get("rejected") or summary.get("missed"):
             extra = (f" · declined {len(summary['declined'])} dropped {len(summary['rejected'])}"
                      f" missed {len(summary['missed'])}")
-        self.progress.update(self.tasks[server_round], info=f"{main} · max ε {fmt_eps(summary['max_epsilon'])}{extra}")
+        self.progress.update(self.tasks[server_round],
+                             info=round_text(summary["metrics"], summary["max_epsilon"]) + extra)
 
 
 def fmt_eps(value: float) -> str:
     return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def round_text(metrics: dict, max_epsilon: float | str) -> str:
+    """One round in a few words: the test metric and the largest client epsilon so far."""
+    main = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else f"mse {metrics['mse']:.4f}"
+    return f"{main} · max ε {fmt_eps(float(max_epsilon))}"  # float() also reads report.json's "inf"
 
 
 def results_table(report: RunReport) -> Table:
@@ -94,9 +99,6 @@ class ReportWatcher:
         if len(rounds) != self.seen and rounds:
             self.seen = len(rounds)
             last = rounds[-1]
-            metrics = last["metrics"]
-            main = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else f"mse {metrics.get('mse', 0):.4f}"
-            eps = last.get("max_epsilon", 0)
-            eps_text = "∞" if eps == "inf" else f"{float(eps):.2f}"
-            info = f"round {last['round']}: {main} · max ε {eps_text} · trained {len(last.get('trained', []))}"
+            info = (f"round {last['round']}: {round_text(last['metrics'], last.get('max_epsilon', 0.0))}"
+                    f" · trained {len(last.get('trained', []))}")
             self.progress.update(self.task, completed=len(rounds), info=info)

@@ -67,10 +67,7 @@ def test_client_killed_mid_run(tmp_path):
         fed.start()
         _wait_for_round(fed, run_dir, 1)
         fed.clients["client-2"].kill()
-        deadline = time.monotonic() + 400
-        while fed.server.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert fed.server.poll() == 0, fed.server.tail(30)
+        assert fed.wait(timeout=400) == 0, fed.server.tail(30)
     report = json.loads((run_dir / "report.json").read_text())
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -96,10 +93,7 @@ def test_server_killed_and_restarted_resumes_without_losing_or_double_counting(t
         time.sleep(3)
         assert len(_rounds(run_dir)) < 3
         fed.start_server()  # same run folder, same port: resumes after the last checkpointed round
-        deadline = time.monotonic() + 500
-        while fed.server.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert fed.server.poll() == 0, fed.server.tail(30)
+        assert fed.wait(timeout=500) == 0, fed.server.tail(30)
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert "resuming" in (run_dir / "logs" / "server.log").read_text()
