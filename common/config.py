@@ -17,8 +17,11 @@ MODELS = ("cnn", "rnn", "autoencoder")
 BUILTIN_DATASETS = ("digits", "mnist1d")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+CENTRAL_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+# "auto" = the fastest exact mode for the model family (client/grad_sample_modes.py);
+# "bookkeeping" = our single-backward-pass exact clipping (client/bookkeeping.py).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
 
 
 @dataclass
@@ -51,11 +54,21 @@ class RunConfig:
     noise_multiplier: float = field(default=1.5, metadata={"help": "DP-SGD noise multiplier (sigma)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "DP-SGD per-sample clipping bound."})
     delta: float = field(default=1e-5, metadata={"help": "Target delta of (epsilon, delta)-DP."})
-    accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: rdp or prv."})
+    accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: rdp (upper bound), prv (tight numerical estimate) or gdp (CLT approximation: can underestimate epsilon, badly for few steps or little noise)."})
     poisson_sampling: bool = field(default=True, metadata={"help": "Poisson batch sampling (needed for the amplification the accountant assumes)."})
-    grad_sample_mode: str = field(default="hooks", metadata={"help": "Opacus per-sample gradient mode: hooks, functorch, ew or ghost."})
+    grad_sample_mode: str = field(default="auto", metadata={"help": "Per-sample gradient mode: auto (fastest exact one for the model), hooks, functorch, ew, ghost (Opacus) or bookkeeping (single-pass exact clipping)."})
     secure_mode: bool = field(default=False, metadata={"help": "Opacus cryptographically secure noise (slower)."})
+    secure_aggregation: bool = field(default=False, metadata={"help": "Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' updates."})
+    secagg_shares: int = field(default=0, metadata={"help": "SecAgg+ shares per client key (0 = every client sampled in the round)."})
+    secagg_threshold: int = field(default=0, metadata={"help": "SecAgg+ shares needed to unmask (0 = two thirds of the shares, at least 2); a round survives shares - threshold dropouts among a client's neighbours."})
+    secagg_max_weight: float = field(default=10_000.0, metadata={"help": "SecAgg+ largest client weight (examples); larger weights overflow, much larger ones cost precision."})
+    central_dp: str = field(default="off", metadata={"help": "User-level central DP with Flower's DP strategies: off, server-fixed, client-fixed, server-adaptive or client-adaptive (clipping side and kind)."})
+    central_noise_multiplier: float = field(default=1.0, metadata={"help": "Central DP noise multiplier z: noise std z*C/m on the average of m clipped updates."})
+    central_clipping_norm: float = field(default=1.0, metadata={"help": "Central DP clipping norm C of a client's model update (initial norm when adaptive)."})
+    central_count_stddev: float = field(default=0.0, metadata={"help": "Adaptive clipping: noise std on the count of clipped updates (0 = max(m/20, z), m clients per round)."})
+    central_target_quantile: float = field(default=0.5, metadata={"help": "Adaptive clipping: the fraction of updates left unclipped that the norm tracks."})
     budget_epsilon: float = field(default=0.0, metadata={"help": "Per-client epsilon budget; a client declines rounds that would exceed it (0 = no budget)."})
+    target_epsilon: float = field(default=0.0, metadata={"help": "Derive --noise-multiplier (overriding it) so the smallest client, assumed to train in every round (worst case), ends at epsilon <= this (0 = off)."})
     rnn_hidden: int = field(default=64, metadata={"help": "RNN hidden size."})
     rnn_layers: int = field(default=1, metadata={"help": "RNN LSTM layers."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
@@ -123,8 +136,27 @@ class RunConfig:
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             raise UserInputError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
         _positive_float("server-learning-rate", self.server_learning_rate)
+        _choice("central-dp", self.central_dp, CENTRAL_DP_MODES)
+        if self.central_dp != "off":
+            _positive_float("central-noise-multiplier", self.central_noise_multiplier)
+            _positive_float("central-clipping-norm", self.central_clipping_norm)
+            if self.central_count_stddev and not self.central_count_stddev > self.central_noise_multiplier / 2:
+                raise UserInputError(
+                    f"--central-count-stddev must exceed half the noise multiplier ({self.central_noise_multiplier / 2:g}); "
+                    f"got {self.central_count_stddev} (0 picks one)"
+                )
+            if not 0.0 < self.central_target_quantile < 1.0:
+                raise UserInputError(f"--central-target-quantile must be in (0, 1) (got {self.central_target_quantile})")
+            if not 0.0 < self.delta < 1.0:
+                raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         if self.budget_epsilon < 0 or math.isnan(self.budget_epsilon):
             raise UserInputError(f"--budget-epsilon must be >= 0, 0 meaning no budget (got {self.budget_epsilon})")
+        if not (self.target_epsilon >= 0 and math.isfinite(self.target_epsilon)):
+            raise UserInputError(f"--target-epsilon must be >= 0, 0 meaning off (got {self.target_epsilon})")
+        if self.target_epsilon > 0 and not self.dp:
+            raise UserInputError("--target-epsilon needs DP on: drop --no-dp, or drop --target-epsilon")
         if self.dp:
             if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
                 raise UserInputError(
@@ -135,6 +167,43 @@ class RunConfig:
             if not 0.0 < self.delta < 1.0:
                 raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
         return self
+
+
+    def clients_per_round(self, available: int | None = None) -> int:
+        """How many clients Flower's strategies sample per round (FedAvg.configure_train's rule)."""
+        available = self.num_clients if available is None else available
+        return max(int(available * self.fraction_train), self.min_clients)
+
+    def secagg_parameters(self, sampled: int) -> tuple[int, int]:
+        """(shares, threshold) of SecAgg+ for ``sampled`` clients, defaults resolved."""
+        shares = self.secagg_shares or sampled
+        threshold = self.secagg_threshold or max(2, math.ceil(2 * shares / 3))
+        return shares, threshold
+
+    def _check_secure_aggregation(self) -> None:
+        """SecAgg+ settings that cannot work with this many clients are refused before any training."""
+        sampled = self.clients_per_round()
+        if sampled < 3:
+            raise UserInputError(
+                f"--secure-aggregation needs at least 3 clients per round (got {sampled}); with 2 each learns "
+                "the other's update from the sum: raise --min-clients or --fraction-train"
+            )
+        if self.central_dp != "off":
+            raise UserInputError(
+                "--secure-aggregation with --central-dp is not supported: Flower's central DP strategies clip or "
+                "inspect individual updates, which secure aggregation hides; combine it with local DP (--dp) instead"
+            )
+        shares, threshold = self.secagg_parameters(sampled)
+        if self.secagg_shares and not 3 <= self.secagg_shares <= sampled:
+            raise UserInputError(
+                f"--secagg-shares must be between 3 and the clients per round ({sampled}); got {self.secagg_shares}"
+            )
+        if not 2 <= threshold < shares:
+            raise UserInputError(
+                f"--secagg-threshold must be at least 2 and below the number of shares ({shares}); got {threshold}"
+            )
+        if not self.secagg_max_weight >= 1:
+            raise UserInputError(f"--secagg-max-weight must be >= 1 (got {self.secagg_max_weight})")
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

@@ -7,3 +7,4 @@ PRIVACY = "privacy"        # ConfigRecord: client id, accountant, decline reason
 
 NUM_EXAMPLES = "num-examples"
 DECLINED = "declined"
+UNIT_WEIGHT = "unit-weight"  # 1 per client: central DP averages updates with equal weights (sensitivity C/m)

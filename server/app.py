@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from server.federation import RoundObserver, run_federation
 from server.run_dir import resolve_run_dir
+from simulations.preflight import preflight
 
 
 def build_server_app(cfg: RunConfig, observer: RoundObserver | None = None) -> ServerApp:
@@ -28,6 +29,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: same kebab-case keys as ``fedpriv simulate``."""
-    cfg = RunConfig.from_mapping(dict(context.run_config), ignore_unknown=True).validate()
+    cfg = RunConfig.from_mapping(dict(context.run_config), ignore_unknown=True)
+    preflight(cfg)  # validates, and derives the noise for target-epsilon like `fedpriv simulate` does
     cfg.run_dir = str(resolve_run_dir(cfg))
     run_federation(grid, cfg)

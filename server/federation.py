@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from common import records
 from common.atomic_io import write_json
@@ -25,8 +26,10 @@ from common.config import RunConfig
 from common.datasets import load_dataset
 from common.evaluation import evaluate
 from common.models import check_fit, model_from_config
+from server.central_dp import release_noise_multiplier
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from server.report import RunReport
+from server.secure_aggregation import run_secure_round
 from server.strategy_factory import build_strategy
 from server.update_validation import dp_update_bound, update_problem
 
@@ -84,6 +87,8 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         model.load_state_dict(ckpt.state_dict)
         report = RunReport.from_dict(ckpt.report)
         first_round = ckpt.server_round + 1
+        if "clipping_norm" in report.central:
+            strategy.clipping_norm = float(report.central["clipping_norm"])
         log.info("resuming %s after round %d", run_dir, ckpt.server_round)
     else:
         report = RunReport(run={"uid": uuid.uuid4().hex[:12], **_run_summary(cfg)}, delta=cfg.delta,
@@ -97,16 +102,28 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
 
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.monotonic()
+        population = len(list(grid.get_node_ids()))  # before sampling: conservative for user-level DP
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         observer.round_started(server_round, cfg.num_rounds, len(messages))
-        replies = _send_and_receive(grid, messages, cfg.round_timeout,
-                                    lambda done: observer.client_replied(server_round, done, len(messages)))
         sampled = [m.metadata.dst_node_id for m in messages]
-        replies_sorted = _sort_replies(replies, arrays, sampled, report, server_round, cfg, node_names)
-        if replies_sorted.accepted:
-            new_arrays, _ = strategy.aggregate_train(server_round, replies_sorted.accepted)
-            if new_arrays is not None:
-                arrays = new_arrays
+        if cfg.secure_aggregation:
+            secure = run_secure_round(grid, messages, arrays, cfg, server_round)
+            observer.client_replied(server_round, len(secure.replies), len(messages))
+            replies_sorted = _sort_replies(secure.replies, arrays, sampled, report, server_round, cfg, node_names,
+                                           validate_each=False)
+            new_arrays = _aggregate_secure(strategy, server_round, secure.aggregate, arrays, cfg, replies_sorted)
+        else:
+            replies = _send_and_receive(grid, messages, cfg.round_timeout,
+                                        lambda done: observer.client_replied(server_round, done, len(messages)))
+            replies_sorted = _sort_replies(replies, arrays, sampled, report, server_round, cfg, node_names)
+            new_arrays = (strategy.aggregate_train(server_round, replies_sorted.accepted)[0]
+                          if replies_sorted.accepted else None)
+        if new_arrays is not None:
+            arrays = new_arrays
+            if cfg.central_dp != "off":
+                report.record_central_release(server_round, release_noise_multiplier(strategy, len(replies_sorted.accepted)),
+                                              sampled=len(messages), population=max(population, len(messages)))
+                report.central["clipping_norm"] = strategy.clipping_norm  # adaptive: the next round's, kept for resume
         else:
             log.warning("round %d: no update to aggregate; the global model is unchanged", server_round)
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -116,6 +133,7 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
             "declined": sorted(replies_sorted.declined),
             "rejected": replies_sorted.rejected,
             "missed": replies_sorted.missed,
+            "aggregation": "secagg+" if cfg.secure_aggregation else "plain",
             "seconds": round(time.monotonic() - started, 3),
         }
         report.add_round(server_round, metrics, participation)
@@ -167,8 +185,11 @@ def _max_norm(cfg: RunConfig, reference: ArrayRecord, metrics) -> float | None:
 
 
 def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: list[int], report: RunReport,
-                  server_round: int, cfg: RunConfig, node_names: dict[int, str]) -> Sorted:
-    """Record every reply's privacy spend, then keep only well-formed updates for aggregation."""
+                  server_round: int, cfg: RunConfig, node_names: dict[int, str], validate_each: bool = True) -> Sorted:
+    """Record every reply's privacy spend, then keep only well-formed updates for aggregation.
+
+    Under secure aggregation replies carry no update (``validate_each=False``): only the sum is checked.
+    """
     replies = list(replies)
     accepted, declined, rejected = [], [], {}
     answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
@@ -193,8 +214,10 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
         report.record_training(client, server_round, float(metrics["noise-multiplier"]),
                                float(metrics["sample-rate"]), int(metrics["steps"]), float(metrics["epsilon"]),
                                ledger=_ledger_of(msg))
-        problem = (update_problem(msg.content[records.ARRAYS], reference, _max_norm(cfg, reference, metrics))
-                   if records.ARRAYS in msg.content.array_records else "reply carries no model update")
+        problem = None
+        if validate_each:
+            problem = (update_problem(msg.content[records.ARRAYS], reference, _max_norm(cfg, reference, metrics))
+                       if records.ARRAYS in msg.content.array_records else "reply carries no model update")
         if problem:
             rejected[client] = problem
             log.warning("round %d: dropped update of %s: %s", server_round, client, problem)
@@ -205,8 +228,40 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
     return Sorted(accepted, declined, rejected, sorted(missed))
 
 
+def _aggregate_secure(strategy: Strategy, server_round: int, aggregate: ArrayRecord | None, reference: ArrayRecord,
+                      cfg: RunConfig, replies_sorted: Sorted) -> ArrayRecord | None:
+    """Hand the unmasked SecAgg+ average to the strategy as the one reply it aggregates (FedAdam steps on it)."""
+    if aggregate is None:
+        log.warning("round %d: secure aggregation halted (fewer live clients than its threshold)", server_round)
+        return None
+    if not replies_sorted.accepted:
+        return None  # every client declined: the masked sum carries weight 0
+    steps = max(int(m.content[records.METRICS]["steps"]) for m in replies_sorted.accepted)
+    problem = update_problem(aggregate, reference, _max_norm(cfg, reference, {"steps": steps}))
+    if problem:
+        log.warning("round %d: dropped the securely aggregated update: %s", server_round, problem)
+        return None
+    metrics = MetricRecord({records.NUM_EXAMPLES: 1, records.UNIT_WEIGHT: 1})
+    reply = Message(RecordDict({records.ARRAYS: aggregate, records.METRICS: metrics}), dst_node_id=0,
+                    message_type=MessageType.TRAIN)
+    return strategy.aggregate_train(server_round, [reply])[0]
+
+
 def _run_summary(cfg: RunConfig) -> dict:
     return {"model": cfg.model, "dataset": cfg.dataset, "clients": cfg.num_clients, "rounds": cfg.num_rounds,
             "strategy": cfg.strategy, "partitioning": cfg.partitioning, "dp": cfg.dp,
             "noise_multiplier": cfg.noise_multiplier if cfg.dp else None,
-            "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "secure_mode": cfg.secure_mode}
+            "max_grad_norm": cfg.max_grad_norm if cfg.dp else None, "secure_mode": cfg.secure_mode,
+            "secure_aggregation": cfg.secure_aggregation, "central_dp": cfg.central_dp,
+            **_privacy_options(cfg)}
+
+
+def _privacy_options(cfg: RunConfig) -> dict:
+    """The settings behind the report's secure-aggregation and user-level guarantees."""
+    options: dict = {}
+    if cfg.secure_aggregation:
+        options["secagg_shares"], options["secagg_threshold"] = cfg.secagg_parameters(cfg.clients_per_round())
+    if cfg.central_dp != "off":
+        options.update(central_noise_multiplier=cfg.central_noise_multiplier,
+                       central_clipping_norm=cfg.central_clipping_norm)
+    return options

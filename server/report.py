@@ -22,6 +22,25 @@ GUARANTEE = (
     "Epsilon is composed over every local DP-SGD step of every round the client took part in "
     "({accountant} accountant); the number shown is the largest over all clients."
 )
+USER_LEVEL = (
+    "Each client's data as a whole is protected by user-level ({eps}, {delta})-differential privacy ({mode} "
+    "central DP with Flower's DP strategy): replacing everything one client holds changes the probability of "
+    "any sequence of global models by at most a factor e^epsilon, except with probability delta. It covers "
+    "{releases} noisy releases, each averaging clipped updates of {sampled} clients sampled without "
+    "replacement from {population} (RDP accountant, amplification by sampling)."
+)
+SECURE_AGGREGATION = (
+    "Secure aggregation (Flower's SecAgg+) was on: in every round the server learned only the weighted sum "
+    "of the sampled clients' updates, never one client's update; this holds as long as fewer than "
+    "{threshold} of a client's {shares} SecAgg+ neighbours collude with the server. It hides updates "
+    "from the server, not from the global model."
+)
+SECURE_MODE = {
+    True: "Local DP-SGD noise and batch sampling were drawn from the operating system's cryptographically secure "
+          "generator, with Opacus' secure-mode recipe against floating-point attacks (--secure-mode).",
+    False: "Local DP-SGD noise came from PyTorch's default pseudo-random generator, not Opacus' secure_mode: "
+           "fine for experiments; pass --secure-mode in production, where a predictable generator weakens the guarantee.",
+}
 NO_DP = (
     "This run trained **without differential privacy**: epsilon is infinite, and nothing bounds what "
     "the server or other clients can learn about any single record from the model updates."
@@ -38,6 +57,7 @@ class RunReport:
     dp: bool
     rounds: list[dict[str, Any]] = field(default_factory=list)
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    central: dict[str, Any] = field(default_factory=dict)  # user-level DP: releases and epsilon
 
     # ------------------------------------------------------------- building
     def record_training(self, client_id: str, server_round: int, noise: float, rate: float, steps: int,
@@ -54,9 +74,22 @@ class RunReport:
         if ledger is not None:
             entry["ledger"] = ledger
 
+    def record_central_release(self, server_round: int, noise_multiplier: float, sampled: int, population: int) -> None:
+        """Add one round's central-DP release and recompute the user-level epsilon over all of them."""
+        from server.central_dp import user_level_epsilon  # dp-accounting is imported only by central-DP runs
+
+        releases = self.central.setdefault("releases", [])
+        releases.append({"round": server_round, "noise_multiplier": noise_multiplier, "sampled": sampled,
+                         "population": population})
+        self.central["epsilon"] = user_level_epsilon(releases, self.delta)
+
+    def user_epsilon(self) -> float | None:
+        return self.central.get("epsilon") if self.central else None
+
     def add_round(self, server_round: int, metrics: dict[str, float], participation: dict[str, Any]) -> None:
+        extra = {"user_epsilon": self.user_epsilon()} if self.central else {}
         self.rounds.append({"round": server_round, "metrics": metrics, "max_epsilon": self.max_epsilon(),
-                            **participation})
+                            **extra, **participation})
 
     def max_epsilon(self) -> float:
         if not self.dp:
@@ -69,7 +102,8 @@ class RunReport:
             "run": self.run,
             "rounds": self.rounds,
             "privacy": {"dp": self.dp, "delta": self.delta, "accountant": self.accountant,
-                        "max_epsilon": self.max_epsilon(), "clients": self.clients},
+                        "max_epsilon": self.max_epsilon(), "clients": self.clients, "central": self.central,
+                        "guarantees": self.guarantees()},
         }
 
     @classmethod
@@ -80,7 +114,8 @@ class RunReport:
                    for cid, c in privacy["clients"].items()}
         rounds = [{**r, "max_epsilon": float(r.get("max_epsilon", 0.0))} for r in data["rounds"]]
         return cls(run=data.get("run", {}), delta=float(privacy["delta"]), accountant=privacy["accountant"],
-                   dp=bool(privacy.get("dp", True)), rounds=rounds, clients=clients)
+                   dp=bool(privacy.get("dp", True)), rounds=rounds, clients=clients,
+                   central=dict(privacy.get("central", {})))
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunReport":
@@ -107,20 +142,39 @@ class RunReport:
             names += [k for k in r["metrics"] if k not in names]
         return names
 
+    def guarantees(self) -> dict[str, str]:
+        """One plain sentence per guarantee that holds for this run (and what does not hold)."""
+        found = {"local_dp": GUARANTEE.format(eps=_fmt_eps(self.max_epsilon()), delta=f"{self.delta:g}",
+                                              accountant=self.accountant.upper()) if self.dp else NO_DP}
+        if self.dp and self.accountant == "gdp":
+            found["local_dp"] += (" GDP is a central-limit approximation, not a bound: for few steps or small noise "
+                                  "it can understate epsilon; use rdp for a guarantee.")
+        releases = self.central.get("releases", [])
+        if releases:
+            found["user_level_dp"] = USER_LEVEL.format(
+                eps=_fmt_eps(self.central["epsilon"]), delta=f"{self.delta:g}", mode=self.run.get("central_dp", ""),
+                releases=len(releases), sampled=releases[-1]["sampled"], population=releases[-1]["population"])
+        if self.run.get("secure_aggregation"):
+            found["secure_aggregation"] = SECURE_AGGREGATION.format(
+                threshold=self.run.get("secagg_threshold", "?"), shares=self.run.get("secagg_shares", "?"))
+        if self.dp:
+            found["noise_source"] = SECURE_MODE[bool(self.run.get("secure_mode"))]
+        return found
+
     def markdown(self) -> str:
-        eps = _fmt_eps(self.max_epsilon())
-        lines = [f"# fedpriv run report", ""]
+        lines = ["# fedpriv run report", ""]
         for key, value in self.run.items():
             lines.append(f"- **{key}**: {value}")
-        lines += ["", "## Privacy guarantee", ""]
-        lines.append(GUARANTEE.format(eps=eps, delta=f"{self.delta:g}", accountant=self.accountant.upper())
-                     if self.dp else NO_DP)
+        lines += ["", "## Privacy guarantees", ""]
+        lines += [f"- {sentence}" for sentence in self.guarantees().values()]
         names = self.metric_names()
-        lines += ["", "## Rounds", "", "| round | " + " | ".join(names) + " | max epsilon | clients trained |",
-                  "|---" * (len(names) + 3) + "|"]
+        user = " user-level epsilon |" if self.central else ""
+        lines += ["", "## Rounds", "", "| round | " + " | ".join(names) + f" | max epsilon |{user} clients trained |",
+                  "|---" * (len(names) + 3 + bool(user)) + "|"]
         for r in self.rounds:
             vals = " | ".join(_fmt(r["metrics"].get(n)) for n in names)
-            lines.append(f"| {r['round']} | {vals} | {_fmt_eps(r['max_epsilon'])} | {len(r.get('trained', []))} |")
+            user_eps = f" {_fmt_eps(r.get('user_epsilon') or 0.0)} |" if user else ""
+            lines.append(f"| {r['round']} | {vals} | {_fmt_eps(r['max_epsilon'])} |{user_eps} {len(r.get('trained', []))} |")
         lines += ["", "## Per-client privacy", "",
                   "| client | rounds trained | steps | earlier rounds in its ledger | epsilon (all of them) |",
                   "|---|---|---|---|---|"]

@@ -64,9 +64,26 @@ def results_table(report: RunReport) -> Table:
     for n in names:
         table.add_column(n, justify="right")
     table.add_column("max ε", justify="right")
+    central = bool(report.central)
+    if central:
+        table.add_column("user-level ε", justify="right")
     for r in report.rounds:
-        table.add_row(str(r["round"]), *[f"{r['metrics'][n]:.4f}" for n in names], fmt_eps(r["max_epsilon"]))
+        user = [fmt_eps(r.get("user_epsilon") or 0.0)] if central else []
+        table.add_row(str(r["round"]), *[f"{r['metrics'][n]:.4f}" for n in names], fmt_eps(r["max_epsilon"]), *user)
     return table
+
+
+def privacy_setup(cfg) -> str:  # noqa: ANN001 - a RunConfig; kept import-light for the CLI's start-up
+    """The run's privacy mechanisms in one line, for the banner before training starts."""
+    parts = [f"DP-SGD σ={cfg.noise_multiplier:.4g} C={cfg.max_grad_norm} δ={cfg.delta:g} ({cfg.accountant})"
+             if cfg.dp else "[red]no local DP[/]"]
+    if cfg.central_dp != "off":
+        parts.append(f"central DP {cfg.central_dp} z={cfg.central_noise_multiplier} C={cfg.central_clipping_norm}")
+    if cfg.secure_aggregation:
+        parts.append("SecAgg+")
+    if cfg.secure_mode:
+        parts.append("secure mode")
+    return " · ".join(parts)
 
 
 class ReportWatcher:

@@ -106,3 +106,13 @@ def test_noise_zero_is_fine_without_dp_and_an_error_with_it():
 def test_min_clients_equal_to_num_clients_is_fine():
     RunConfig(num_clients=4, min_clients=4).validate()
     RunConfig(dataset="npz:/some/file.npz").validate()  # existence is checked with the data, not here
+
+
+def test_flower_app_config_in_pyproject_lists_every_option_with_its_default():
+    """``flwr run .`` refuses run-config keys the app's pyproject does not declare, so they must stay in step."""
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_dict(kebab=True)
