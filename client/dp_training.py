@@ -11,6 +11,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.grad_sample_modes import make_private, resolve
+from client.secure_noise import make_secure
 from common.config import RunConfig
 from common.evaluation import task_loss
 from common.privacy import Mechanism, epsilon_for
@@ -26,6 +29,8 @@ from common.privacy import Mechanism, epsilon_for
 logging.getLogger("flwr").setLevel(logging.INFO)
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
+# Opacus' hooks on a first layer whose input needs no gradient: expected, harmless
+warnings.filterwarnings("ignore", message=".*Full backward hook is firing when gradients are computed.*")
 warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
 
 
@@ -68,18 +73,18 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
     engine = None
     if cfg.dp:
         model.train()  # Opacus refuses to wrap a model in eval mode
-        engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode)
+        # Opacus' own secure mode needs torchcsprng (no build for current torch); see client/secure_noise.py.
+        engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=False)
         engine.accountant.history = list(prior_history)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=generator)
-        wrapped = engine.make_private(
-            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-            noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=cfg.poisson_sampling, grad_sample_mode=cfg.grad_sample_mode,
+        private = make_private(
+            engine, model=model, optimizer=optimizer, criterion=criterion,
+            loader=DataLoader(dataset, batch_size=cfg.batch_size, generator=generator),
+            mode=resolve(cfg.grad_sample_mode, cfg.model, model), noise_multiplier=cfg.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=cfg.poisson_sampling,
         )
-        if cfg.grad_sample_mode == "ghost":
-            train_model, optimizer, criterion, loader = wrapped
-        else:
-            train_model, optimizer, loader = wrapped
+        train_model, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
+        if cfg.secure_mode:
+            make_secure(optimizer, loader)  # CSPRNG noise and Poisson sampling
         steps_before = sum(s for _, _, s in engine.accountant.history)
     else:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
@@ -90,14 +95,14 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
     for _ in range(cfg.local_epochs):
         for xb, yb in loader:
             # Poisson sampling can draw an empty batch; Opacus turns it into a noise-only step.
-            optimizer.zero_grad()
-            loss = criterion(train_model(xb), yb)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(train_model, optimizer, criterion, xb, yb)
             if global_params is not None:
                 _proximal_step(model, global_params, cfg.learning_rate * cfg.proximal_mu)
-            total_loss += float(loss.detach()) * len(xb)
-            seen += len(xb)
+            if len(xb):  # the mean loss of an empty batch is NaN
+                total_loss += float(loss) * len(xb)
+                seen += len(xb)
+    if engine is not None:
+        private.cleanup()
 
     if engine is None:
         steps, rate, noise, epsilon = cfg.local_epochs * len(loader), 1.0, 0.0, math.inf
@@ -110,6 +115,20 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
         num_examples=len(dataset), train_loss=total_loss / max(seen, 1), steps=steps,
         sample_rate=rate, noise_multiplier=noise, epsilon=epsilon,
     )
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable[..., Any],
+               xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """One SGD step, private or not (the DP parts live in the wrapped optimizer and criterion).
+
+    Shared with ``fedpriv bench dp-overhead`` so the benchmark times exactly this code.
+    Returns the batch's mean loss, detached.
+    """
+    optimizer.zero_grad()
+    loss = criterion(model(xb), yb)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 @torch.no_grad()
