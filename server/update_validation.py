@@ -13,6 +13,7 @@ def update_problem(update: ArrayRecord, reference: ArrayRecord, max_norm: float 
         missing = set(reference.keys()) - set(update.keys())
         extra = set(update.keys()) - set(reference.keys())
         return f"parameter names differ (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
+    decoded: dict[str, np.ndarray] = {}  # each array decoded once: the server checks every reply of every round
     for name in reference.keys():
         ref, got = reference[name], update[name]
         if tuple(got.shape) != tuple(ref.shape):
@@ -20,13 +21,13 @@ def update_problem(update: ArrayRecord, reference: ArrayRecord, max_norm: float 
         if got.dtype != ref.dtype:
             return f"parameter '{name}' has dtype {got.dtype}, expected {ref.dtype}"
         try:
-            values = got.numpy()
+            values = decoded[name] = got.numpy()
         except (ValueError, TypeError) as exc:
             return f"parameter '{name}' cannot be decoded ({exc})"
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"parameter '{name}' contains NaN or infinite values"
     if max_norm is not None:
-        norm = update_norm(update, reference)
+        norm = _norm(decoded, reference)
         if norm > max_norm:
             return f"update norm {norm:.3g} exceeds the bound {max_norm:.3g} that clipping and noise allow"
     return None
@@ -34,11 +35,15 @@ def update_problem(update: ArrayRecord, reference: ArrayRecord, max_norm: float 
 
 def update_norm(update: ArrayRecord, reference: ArrayRecord) -> float:
     """L2 norm of (update - reference) over all floating-point parameters."""
+    return _norm({name: update[name].numpy() for name in reference.keys()}, reference)
+
+
+def _norm(values: dict[str, np.ndarray], reference: ArrayRecord) -> float:
     total = 0.0
     for name in reference.keys():
         ref = reference[name].numpy()
         if np.issubdtype(ref.dtype, np.floating):
-            total += float(np.sum((update[name].numpy().astype(np.float64) - ref) ** 2))
+            total += float(np.sum((values[name].astype(np.float64) - ref) ** 2))
     return total ** 0.5
 
 

@@ -18,6 +18,7 @@ from common.errors import UserInputError
 from simulations.processes import Child, free_port, venv_env, wait_for_port
 
 CLI = [sys.executable, "-m", "simulations.cli"]
+SERVER_READY = "server listening on"  # `fedpriv server` prints it once every client key is registered
 
 
 def config_flags(cfg: RunConfig) -> list[str]:
@@ -75,8 +76,21 @@ class LocalFederation:
         self.start_server()
         if not wait_for_port("127.0.0.1", self.port, server_timeout, self.server):
             raise UserInputError(f"the server did not come up: {self.server.tail(2)} (see {self.server.log_path})")
+        if not self._keys_registered(server_timeout + 15 * self.cfg.num_clients):
+            raise UserInputError(f"the server did not register the client keys: {self.server.tail(2)} "
+                                 f"(see {self.server.log_path})")
         for i in range(self.cfg.num_clients):
             self.start_client(i)
+
+    def _keys_registered(self, timeout: float) -> bool:
+        """Wait for the server's ready line: its port opens before it registers the client keys (one
+        ``flwr`` call per key), and a client whose key is not registered yet is refused for good."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.server.poll() is None:
+            if any(line.startswith(SERVER_READY) for line in self.server.tail(50).splitlines()):
+                return True
+            time.sleep(0.2)
+        return False
 
     def wait(self, on_tick: Callable[[], None] | None = None, timeout: float = 24 * 3600) -> int:
         """Wait for the server process to end; returns its exit code."""
