@@ -17,6 +17,7 @@ from torch import nn
 from common.errors import UserInputError
 
 CLASSIFIERS = ("cnn", "rnn")
+SEQUENCE_CHUNK = 8  # 1-D sequences: time steps per LSTM step (see SequenceClassifier)
 
 
 class ConvNet(nn.Module):
@@ -44,22 +45,30 @@ class ConvNet(nn.Module):
 class SequenceClassifier(nn.Module):
     """DPLSTM over the sequence axis; the last hidden state feeds a linear classifier.
 
-    A ``(C, L)`` input is read as L steps of C features; ``(C, H, W)`` as H steps of C*W features.
+    A ``(C, L)`` input is read in chunks of ``chunk`` consecutive steps: ceil(L/chunk) LSTM steps of
+    chunk*C features (the last chunk zero-padded), so MNIST-1D's 40 scalars are 5 steps of 8. DPLSTM
+    runs one Python-level step per time step: 5 steps train about 6x faster per sample than 40
+    (measured here: 40 -> 10 steps about 3x, 10 -> 5 about 2x), and under DP-SGD 5 steps of 8
+    learned at least as fast per epoch as 10 of 4. ``(C, H, W)`` is read as H steps of C*W features.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int, layers: int) -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int, layers: int,
+                 chunk: int = SEQUENCE_CHUNK) -> None:
         super().__init__()
         channels, *spatial = input_shape
         self.image = len(spatial) == 2
-        features = channels * spatial[1] if self.image else channels
+        self.chunk = 1 if self.image else chunk
+        features = channels * spatial[1] if self.image else channels * self.chunk
         self.lstm = DPLSTM(features, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.image:  # (n, C, H, W) -> (n, H, C*W)
             x = x.permute(0, 2, 1, 3).flatten(2)
-        else:  # (n, C, L) -> (n, L, C)
-            x = x.transpose(1, 2)
+        else:  # (n, C, L) -> (n, L, C) -> (n, ceil(L/chunk), chunk*C)
+            pad = -x.shape[-1] % self.chunk
+            x = nn.functional.pad(x, (0, pad)).transpose(1, 2)
+            x = x.reshape(x.shape[0], x.shape[1] // self.chunk, self.chunk * x.shape[2])  # explicit: batches can be empty
         out, _ = self.lstm(x)
         return self.head(out[:, -1, :])
 

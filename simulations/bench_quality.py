@@ -1,0 +1,343 @@
+"""``fedpriv bench quality``: what differential privacy costs in accuracy, per model family.
+
+Each recipe is one ``fedpriv simulate`` command line (the README's quality table lists them):
+run with DP at its target epsilon (``--target-epsilon`` derives the noise so the worst-case
+client ends at most there), again at smaller epsilons for the accuracy-vs-epsilon plot, and once
+with ``--no-dp`` for the price of privacy. Every run is a fresh ``python -m simulations.cli``
+process, so its wall time is what a user waits, Ray start-up included. The numbers read back are
+the final round's server-side test metric and the run report's max per-client epsilon.
+
+Output folder: ``quality.md`` (the table), ``quality.json`` (every run, with its per-round
+curve), ``quality.png`` (accuracy or MSE against epsilon) and ``runs/<run>/`` (each run folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from simulations.bench import bench_app
+
+ROOT = Path(__file__).resolve().parents[1]
+NON_PRIVATE = math.inf  # the epsilon of a --no-dp run
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One model family's tuned ``fedpriv simulate`` options and the issue's target for it.
+
+    ``sweep`` are the extra epsilons of the accuracy-vs-epsilon plot; ``sweep_options`` override
+    ``options`` for those runs only (fewer rounds, to fit the time budget). ``baseline_options``
+    override them for the non-private run: without clipping, the learning rate DP-SGD needs
+    diverges (CNN, no DP, lr 0.5: accuracy back to 0.10 in round 3, 0.50 at the end).
+    """
+
+    key: str
+    title: str
+    options: dict[str, Any]
+    metric: str  # "accuracy" (higher is better) or "mse" (lower is better)
+    epsilon: float  # the target epsilon of the main DP run
+    sweep: tuple[float, ...] = ()
+    sweep_options: dict[str, Any] = field(default_factory=dict)
+    baseline_options: dict[str, Any] = field(default_factory=dict)
+    min_accuracy: float = 0.0  # target for classifiers
+    max_mse_ratio: float = 0.0  # target for the autoencoder: DP MSE / non-private MSE
+
+    def target_text(self) -> str:
+        if self.metric == "accuracy":
+            return f"accuracy ≥ {self.min_accuracy:.2f} at ε ≤ {self.epsilon:g}"
+        return f"MSE ≤ {self.max_mse_ratio:g}× non-private at ε ≤ {self.epsilon:g}"
+
+
+MNIST1D = {"dataset": "mnist1d", "mnist1d-samples": 60_000, "num-clients": 10}
+# DP-SGD clips every per-sample gradient to norm 1, which at these models' gradient norms (about 3
+# for the CNN at start) shrinks the steps: the tuned learning rates are far above non-private ones.
+# Large batches (512 of a client's 4,800 records) with the learning rate scaled up beat batch 256 at
+# the same epsilon and compute (0.911 vs 0.886, tuning runs); non-IID clients drift less with one
+# local epoch per round and twice the rounds (same steps, same epsilon).
+CNN = {"model": "cnn", **MNIST1D, "num-rounds": 10, "local-epochs": 2, "batch-size": 512, "learning-rate": 2.0,
+       "momentum": 0.9, "max-grad-norm": 1.0}
+RECIPES = (
+    Recipe("cnn-iid", "CNN, MNIST-1D, 10 IID clients", {**CNN, "partitioning": "iid"},
+           "accuracy", 8.0, sweep=(2.0, 4.0), min_accuracy=0.90,
+           baseline_options={"learning-rate": 0.2}),
+    Recipe("cnn-dirichlet", "CNN, MNIST-1D, 10 clients, Dirichlet(0.5)",
+           {**CNN, "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "num-rounds": 20, "local-epochs": 1},
+           "accuracy", 8.0, min_accuracy=0.85,  # accuracy vs epsilon: its per-round curve (time budget)
+           baseline_options={"learning-rate": 0.2}),
+    Recipe("rnn-iid", "RNN (DPLSTM), MNIST-1D, 10 IID clients",
+           {"model": "rnn", **MNIST1D, "partitioning": "iid", "num-rounds": 10, "local-epochs": 2,
+            "batch-size": 128, "learning-rate": 1.0, "momentum": 0.9, "max-grad-norm": 1.0},
+           "accuracy", 8.0, min_accuracy=0.80,  # accuracy vs epsilon: its per-round curve (time budget)
+           baseline_options={"learning-rate": 0.2}),
+    Recipe("autoencoder-digits", "Autoencoder, digits, 10 IID clients",
+           {"model": "autoencoder", "dataset": "digits", "num-clients": 10, "num-rounds": 10, "local-epochs": 2,
+            "batch-size": 64, "learning-rate": 0.1, "momentum": 0.9, "max-grad-norm": 1.0},
+           "mse", 8.0, sweep=(1.0, 2.0, 4.0), max_mse_ratio=1.5),
+)
+
+# --quick: the same recipes on tiny data, to check the whole pipeline in well under a minute per run.
+QUICK_OPTIONS = {"num-clients": 2, "min-clients": 2, "num-rounds": 1, "local-epochs": 1}
+QUICK_MNIST1D_SAMPLES = 500
+
+
+@dataclass
+class Run:
+    """One finished ``fedpriv simulate`` run of a recipe."""
+
+    recipe: str
+    target_epsilon: float  # math.inf for the non-private run
+    command: str
+    run_dir: str
+    wall_s: float
+    metric: str
+    value: float  # final round's test accuracy or MSE
+    max_epsilon: float  # from the run's privacy report
+    noise_multiplier: float
+    curve: list[tuple[float, float]] = field(default_factory=list)  # per round: (max epsilon, metric)
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.target_epsilon)
+
+
+def run_options(recipe: Recipe, epsilon: float, *, quick: bool) -> dict[str, Any]:
+    """The simulate options of one run: DP at ``epsilon``, or ``--no-dp`` when it is infinite."""
+    options = dict(recipe.options)
+    if math.isfinite(epsilon) and epsilon != recipe.epsilon:
+        options.update(recipe.sweep_options)
+    if not math.isfinite(epsilon):
+        options.update(recipe.baseline_options)
+    if quick:
+        options.update(QUICK_OPTIONS)
+        if options.get("dataset") == "mnist1d":
+            options["mnist1d-samples"] = QUICK_MNIST1D_SAMPLES
+    if math.isfinite(epsilon):
+        options["target-epsilon"] = epsilon
+    else:
+        options["dp"] = False
+    return options
+
+
+def command_line(options: dict[str, Any]) -> list[str]:
+    """``fedpriv simulate`` arguments for ``options`` (``dp: False`` becomes ``--no-dp``)."""
+    args = ["simulate"]
+    for key, value in options.items():
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            args += [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
+def run_recipe(recipe: Recipe, epsilon: float, out: Path, *, quick: bool, timeout: float) -> Run:
+    """Run one simulation in a fresh process and read its report back."""
+    from common.errors import UserInputError
+
+    label = f"{recipe.key}-{'nodp' if math.isinf(epsilon) else f'eps{epsilon:g}'}"
+    run_dir = out / "runs" / label
+    args = command_line(run_options(recipe, epsilon, quick=quick)) + ["--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+    log_path = out / "logs" / f"{label}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        try:
+            code = subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            raise UserInputError(f"bench quality: {label} did not finish within {timeout:.0f} s; see {log_path}") from None
+    wall = time.perf_counter() - started
+    if code != 0:
+        tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-2:])
+        raise UserInputError(f"bench quality: {label} failed (exit {code}): {tail}; see {log_path}")
+    return read_run(recipe, epsilon, run_dir, "fedpriv " + shlex.join(args[:-2]), wall)
+
+
+def read_run(recipe: Recipe, epsilon: float, run_dir: Path, command: str, wall_s: float) -> Run:
+    """A finished run folder as a :class:`Run`: final metric, max epsilon, per-round curve."""
+    from server.report import RunReport
+
+    report = RunReport.load(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    curve = [(float(r["max_epsilon"]), float(r["metrics"][recipe.metric])) for r in report.rounds]
+    return Run(recipe.key, epsilon, command, str(run_dir), wall_s, recipe.metric, curve[-1][1], report.max_epsilon(),
+               float(config["noise_multiplier"]) if report.dp else 0.0, curve)
+
+
+def verdict(recipe: Recipe, run: Run, baseline: Run | None) -> str:
+    """Whether the main DP run meets the recipe's target, and by how much it misses."""
+    if run.max_epsilon > recipe.epsilon * (1 + 1e-9):
+        return f"no: ε {run.max_epsilon:.2f} > {recipe.epsilon:g}"
+    if recipe.metric == "accuracy":
+        gap = run.value - recipe.min_accuracy
+        return "yes" if gap >= 0 else f"no: {-gap * 100:.1f} points short"
+    if baseline is None:
+        return "n/a (no non-private run)"
+    ratio = run.value / baseline.value
+    return f"yes ({ratio:.2f}×)" if ratio <= recipe.max_mse_ratio else f"no ({ratio:.2f}× > {recipe.max_mse_ratio:g}×)"
+
+
+def _fmt_eps(value: float) -> str:
+    return "∞ (no DP)" if math.isinf(value) else f"{value:.2f}"
+
+
+def markdown_table(recipes: list[Recipe], runs: list[Run]) -> str:
+    """The README's quality table: one row per run, target verdict on each recipe's main DP run."""
+    lines = ["| recipe | target | run | command | test metric | max ε | wall time | target met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe in recipes:
+        mine = [r for r in runs if r.recipe == recipe.key]
+        baseline = next((r for r in mine if not r.private), None)
+        order = sorted(mine, key=lambda r: (r.target_epsilon != recipe.epsilon, -r.target_epsilon))
+        for run in order:
+            main = run.private and run.target_epsilon == recipe.epsilon
+            which = "no DP" if not run.private else f"DP, target ε {run.target_epsilon:g}"
+            met = verdict(recipe, run, baseline) if main else ""
+            value = f"{run.metric} {run.value:.3f}" if run.metric == "accuracy" else f"MSE {run.value:.4f}"
+            lines.append(f"| {recipe.title} | {recipe.target_text() if main else ''} | {which} | `{run.command}` "
+                         f"| {value} | {_fmt_eps(run.max_epsilon)} | {run.wall_s:.0f} s | {met} |")
+    return "\n".join(lines)
+
+
+def plot(recipes: list[Recipe], runs: list[Run], path: Path) -> None:
+    """Test accuracy (classifiers) and MSE (autoencoder) against max epsilon; no-DP as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
+
+    from server.report import _save_fig
+
+    panels = [m for m in ("accuracy", "mse") if any(r.metric == m for r in recipes)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.0), squeeze=False)
+    for ax, metric in zip(axes[0], panels):
+        for i, recipe in enumerate(r for r in recipes if r.metric == metric):
+            color = f"C{i}"
+            mine = sorted((r for r in runs if r.recipe == recipe.key and r.private), key=lambda r: r.max_epsilon)
+            if mine:
+                ax.plot([r.max_epsilon for r in mine], [r.value for r in mine], marker="o", color=color,
+                        label=f"{recipe.title}: final, one run per ε")
+            main = next((r for r in mine if r.target_epsilon == recipe.epsilon), None)
+            if main is not None and len(main.curve) > 1:  # the main run's model after each round, at its ε so far
+                ax.plot(*zip(*main.curve), color=color, alpha=0.4, linewidth=1, marker=".",
+                        label=f"{recipe.key}: after each round of the ε {recipe.epsilon:g} run")
+            baseline = next((r for r in runs if r.recipe == recipe.key and not r.private), None)
+            if baseline is not None:
+                ax.axhline(baseline.value, color=color, linestyle="--", linewidth=1,
+                           label=f"{recipe.key}: no DP ({baseline.value:.3g})")
+            if metric == "accuracy":
+                ax.axhline(recipe.min_accuracy, color=color, linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([1, 2, 4, 8])
+        ax.set_xlabel("max per-client ε (δ = 1e-5)")
+        ax.set_ylabel("test accuracy" if metric == "accuracy" else "test reconstruction MSE")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:  # a recipe with no finished run yet has nothing to label
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.suptitle("accuracy vs privacy (dotted: issue's target; dashed: non-private)")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+PARTS = ("target", "no-dp", "sweep")  # the main DP runs, the non-private runs, the extra epsilons
+
+
+def planned(recipes: list[Recipe], *, sweep: bool, quick: bool,
+            parts: tuple[str, ...] = PARTS) -> list[tuple[Recipe, float]]:
+    """Every (recipe, epsilon) to run, main and non-private runs first; infinite epsilon = no DP.
+
+    ``quick`` keeps only the smallest sweep epsilon: enough to draw a line, in fewer runs.
+    """
+    plan = [(r, r.epsilon) for r in recipes] if "target" in parts else []
+    plan += [(r, NON_PRIVATE) for r in recipes] if "no-dp" in parts else []
+    if sweep and "sweep" in parts:
+        plan += [(r, e) for r in recipes for e in (sorted(r.sweep)[:1] if quick else r.sweep)]
+    return plan
+
+
+@bench_app.command("quality")
+def quality(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/bench-quality-<time>).")] = None,
+    recipes: Annotated[Optional[list[str]], typer.Option("--recipe", help="Only this recipe (repeat for several): " + ", ".join(r.key for r in RECIPES) + ".")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="Also run each recipe's extra epsilons for the plot.")] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (2 clients, 1 round, 500 MNIST-1D samples): a smoke test, not a measurement.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds one run may take.")] = 1200.0,
+    parts: Annotated[Optional[list[str]], typer.Option("--part", help="Only these runs (repeat for several): target (DP at each recipe's epsilon), no-dp, sweep.")] = None,
+) -> None:
+    """Accuracy under DP: each recipe at its target epsilon, smaller epsilons and without DP.
+
+    Writes quality.md (table), quality.json and quality.png (accuracy vs epsilon) to --out.
+    Example: fedpriv bench quality --recipe cnn-iid --no-sweep
+    """
+    from simulations.cli import guarded
+
+    guarded(_quality)(out, recipes, sweep, quick, timeout, parts)
+
+
+def _quality(out: Optional[Path], keys: Optional[list[str]], sweep: bool, quick: bool, timeout: float,
+             parts: Optional[list[str]] = None) -> None:
+    from common.errors import UserInputError
+    from simulations.console import console
+
+    known = {r.key: r for r in RECIPES}
+    for key in keys or []:
+        if key not in known:
+            raise UserInputError(f"--recipe '{key}' is unknown; choose one of: {', '.join(known)}")
+    for part in parts or []:
+        if part not in PARTS:
+            raise UserInputError(f"--part '{part}' is unknown; choose one of: {', '.join(PARTS)}")
+    if not timeout > 0:
+        raise UserInputError(f"--timeout must be positive (got {timeout})")
+    chosen = [r for r in RECIPES if not keys or r.key in keys]
+    out = out or ROOT / "runs" / time.strftime("bench-quality-%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+
+    runs: list[Run] = []
+    plan = planned(chosen, sweep=sweep, quick=quick, parts=tuple(parts or PARTS))
+    started = time.perf_counter()
+    for i, (recipe, epsilon) in enumerate(plan, 1):
+        what = "no DP" if math.isinf(epsilon) else f"target ε {epsilon:g}"
+        with console.status(f"[{i}/{len(plan)}] {recipe.key}, {what}"):
+            run = run_recipe(recipe, epsilon, out, quick=quick, timeout=timeout)
+        runs.append(run)
+        console.print(f"[{i}/{len(plan)}] {recipe.key}, {what}: {run.metric} {run.value:.4f}, "
+                      f"max ε {_fmt_eps(run.max_epsilon)}, {run.wall_s:.0f} s")
+        header = write_results(out, chosen, runs, time.perf_counter() - started, quick=quick,
+                               pending=len(plan) - i)  # after every run: an interrupted bench keeps its rows
+    console.print(header + markdown_table(chosen, runs))
+    console.print(f"written: {out / 'quality.md'}, {out / 'quality.json'}, {out / 'quality.png'}")
+
+
+def write_results(out: Path, recipes: list[Recipe], runs: list[Run], total_s: float, *, quick: bool,
+                  pending: int = 0) -> str:
+    """quality.md, quality.json and quality.png for the runs so far; returns the table's header line."""
+    from common.atomic_io import write_json, write_text
+
+    header = (f"Quality bench{' (--quick: tiny sizes, not a measurement)' if quick else ''}: "
+              f"{len(runs)} runs{f' ({pending} still to run)' if pending else ''}, {total_s / 60:.1f} min in total, "
+              f"load average {os.getloadavg()[0]:.1f} at the end.\n\n")
+    write_text(out / "quality.md", header + markdown_table(recipes, runs) + "\n")
+    write_json(out / "quality.json", {"quick": quick, "total_s": total_s, "pending": pending,
+                                      "recipes": [asdict(r) for r in recipes],
+                                      "runs": [asdict(r) for r in runs]})  # inf is written as "inf"
+    plot(recipes, runs, out / "quality.png")
+    return header
+

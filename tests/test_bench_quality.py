@@ -1,0 +1,119 @@
+"""``fedpriv bench quality``: recipe command lines, the target verdicts, and a --quick end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from common.config import RunConfig
+from simulations.bench_quality import (RECIPES, Recipe, Run, command_line, markdown_table, planned, run_options,
+                                       verdict, write_results)
+
+
+def _run(recipe: str, epsilon: float, value: float, max_epsilon: float, metric: str = "accuracy") -> Run:
+    return Run(recipe, epsilon, "fedpriv simulate", "runs/x", 1.0, metric, value, max_epsilon, 1.0)
+
+
+def test_every_recipe_is_a_valid_simulate_command_line():
+    """Each run's options parse with the same RunConfig that `fedpriv simulate` builds, DP or not."""
+    for recipe in RECIPES:
+        if recipe.sweep:  # three epsilons or more for the plot (the others draw their per-round curve)
+            assert len({recipe.epsilon, *recipe.sweep}) >= 3, recipe.key
+        for epsilon in (recipe.epsilon, *recipe.sweep, math.inf):
+            options = run_options(recipe, epsilon, quick=False)
+            args = command_line(options)
+            assert args[0] == "simulate"
+            cfg = RunConfig.from_mapping(options).validate()
+            assert cfg.dp == math.isfinite(epsilon)
+            assert cfg.target_epsilon == (epsilon if math.isfinite(epsilon) else 0.0)
+            assert ("--no-dp" in args) == (not cfg.dp)
+
+
+def test_quick_options_shrink_the_run_but_keep_the_recipe():
+    recipe = next(r for r in RECIPES if r.options.get("dataset") == "mnist1d")
+    quick = RunConfig.from_mapping(run_options(recipe, recipe.epsilon, quick=True))
+    full = RunConfig.from_mapping(run_options(recipe, recipe.epsilon, quick=False))
+    assert quick.num_rounds < full.num_rounds and quick.mnist1d_samples < full.mnist1d_samples
+    assert (quick.model, quick.learning_rate, quick.batch_size) == (full.model, full.learning_rate, full.batch_size)
+
+
+def test_plan_runs_main_and_non_private_first_then_the_sweep():
+    recipe = RECIPES[0]
+    plan = [e for _, e in planned([recipe], sweep=True, quick=False)]
+    assert plan[:2] == [recipe.epsilon, math.inf] and sorted(plan[2:]) == sorted(recipe.sweep)
+    assert [e for _, e in planned([recipe], sweep=False, quick=False)] == [recipe.epsilon, math.inf]
+    assert [e for _, e in planned([recipe], sweep=True, quick=True)] == [recipe.epsilon, math.inf, min(recipe.sweep)]
+    assert [e for _, e in planned([recipe], sweep=True, quick=False, parts=("no-dp",))] == [math.inf]
+
+
+def test_the_main_recipe_and_the_autoencoder_have_separate_runs_at_three_epsilons():
+    swept = {r.key for r in RECIPES if len({r.epsilon, *r.sweep}) >= 3}
+    assert {"cnn-iid", "autoencoder-digits"} <= swept
+
+
+def test_verdicts_say_by_how_much_a_target_is_missed():
+    classifier = Recipe("c", "C", {}, "accuracy", 8.0, min_accuracy=0.90)
+    assert verdict(classifier, _run("c", 8.0, 0.912, 7.99), None) == "yes"
+    assert verdict(classifier, _run("c", 8.0, 0.874, 7.99), None) == "no: 2.6 points short"
+    assert verdict(classifier, _run("c", 8.0, 0.95, 8.5), None).startswith("no: ε 8.50")  # over budget never passes
+    autoencoder = Recipe("a", "A", {}, "mse", 8.0, max_mse_ratio=1.5)
+    baseline = _run("a", math.inf, 0.20, math.inf, "mse")
+    assert verdict(autoencoder, _run("a", 8.0, 0.28, 7.9, "mse"), baseline) == "yes (1.40×)"
+    assert verdict(autoencoder, _run("a", 8.0, 0.32, 7.9, "mse"), baseline) == "no (1.60× > 1.5×)"
+
+
+def test_table_has_one_row_per_run_and_the_verdict_on_the_main_run():
+    recipe = Recipe("c", "CNN", {}, "accuracy", 8.0, sweep=(2.0,), min_accuracy=0.5)
+    runs = [_run("c", 2.0, 0.4, 1.98), _run("c", 8.0, 0.6, 7.9), _run("c", math.inf, 0.7, math.inf)]
+    rows = markdown_table([recipe], runs).splitlines()[2:]
+    assert len(rows) == 3
+    assert "target ε 8" in rows[0] and rows[0].rstrip().endswith("| yes |")
+    assert "no DP" in rows[1] and "∞" in rows[1]
+    assert "target ε 2" in rows[2]
+
+
+def test_results_are_strict_json_with_a_plot(tmp_path):
+    recipes = [Recipe("c", "CNN", {}, "accuracy", 8.0, sweep=(2.0, 4.0), min_accuracy=0.5),
+               Recipe("a", "AE", {}, "mse", 8.0, sweep=(2.0,), max_mse_ratio=1.5)]
+    runs = [_run("c", 8.0, 0.8, 7.9), _run("c", 2.0, 0.6, 1.9), _run("c", 4.0, 0.7, 3.9),
+            _run("c", math.inf, 0.9, math.inf), _run("a", 8.0, 0.3, 7.9, "mse"), _run("a", math.inf, 0.25, math.inf, "mse")]
+    runs[0].curve = [(3.0, 0.5), (6.0, 0.7), (7.9, 0.8)]
+    header = write_results(tmp_path, recipes, runs, 61.0, quick=False, pending=2)
+    assert "6 runs (2 still to run), 1.0 min" in header
+    data = json.loads((tmp_path / "quality.json").read_text(), parse_constant=pytest.fail)  # no bare Infinity
+    assert data["runs"][3]["max_epsilon"] == "inf" and data["runs"][0]["curve"][-1] == [7.9, 0.8]
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+    assert (tmp_path / "quality.md").read_text().count("`fedpriv simulate`") == len(runs)
+
+
+@pytest.mark.e2e
+def test_quick_bench_writes_table_json_and_plot(fedpriv, tmp_path):
+    out = tmp_path / "quality"
+    # Two simulations (DP at the target, and no DP); the sweep's extra runs are covered by the plan and
+    # results tests above. Mostly Ray start-up; the limit allows a machine busy with other work.
+    result = fedpriv("bench", "quality", "--quick", "--no-sweep", "--recipe", "autoencoder-digits", "--out", str(out),
+                     timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    recipe = next(r for r in RECIPES if r.key == "autoencoder-digits")
+    data = json.loads((out / "quality.json").read_text())
+    assert data["quick"] is True
+    epsilons = sorted(r["target_epsilon"] for r in data["runs"] if r["target_epsilon"] != "inf")
+    assert epsilons == [recipe.epsilon]
+    for run in data["runs"]:
+        assert run["metric"] == "mse" and math.isfinite(run["value"]) and run["value"] > 0
+        if run["target_epsilon"] == "inf":
+            assert run["max_epsilon"] == "inf" and "--no-dp" in run["command"]
+        else:  # the report's epsilon honours the target the noise was derived for
+            assert 0 < run["max_epsilon"] <= run["target_epsilon"] * (1 + 1e-9)
+    table = (out / "quality.md").read_text()
+    assert table.count("`fedpriv simulate") == len(data["runs"]) == len(epsilons) + 1
+    assert (out / "quality.png").stat().st_size > 1000
+    assert "MSE" in result.stdout
+
+
+def test_unknown_recipe_is_one_line(fedpriv, tmp_path):
+    result = fedpriv("bench", "quality", "--recipe", "nope", "--out", str(tmp_path), timeout=60)
+    assert result.returncode != 0
+    assert "--recipe 'nope' is unknown" in result.stderr and "Traceback" not in result.stderr
