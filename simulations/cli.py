@@ -12,9 +12,11 @@ import typer
 
 from common.config import RunConfig
 from common.errors import UserInputError
+from simulations.bench import bench_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated learning with differential privacy: Flower + Opacus.")
+app.add_typer(bench_app, name="bench")
 
 EXIT_USER_ERROR = 2
 
@@ -90,12 +92,16 @@ def simulate(cfg: RunConfig) -> None:
     Example: fedpriv simulate --model rnn --dataset mnist1d --num-clients 10 --num-rounds 5
     """
     cfg.validate()  # before the heavy imports: a wrong option fails in a fraction of a second
-    from simulations.console import RoundProgress, console, results_table
+    from simulations.console import RoundProgress, console, privacy_setup, results_table
     from simulations.simulate import simulate as run_simulation
 
+    if cfg.dp and cfg.target_epsilon > 0:  # derive the noise now, to show it; simulate's own preflight reuses it
+        from simulations.preflight import preflight
+
+        preflight(cfg)
+        console.print(f"noise multiplier {cfg.noise_multiplier:.4g} derived for target epsilon {cfg.target_epsilon:g}")
     console.print(f"[bold]fedpriv[/] {cfg.model} on {cfg.dataset}: {cfg.num_clients} clients, {cfg.num_rounds} rounds, "
-                  + (f"DP-SGD σ={cfg.noise_multiplier} C={cfg.max_grad_norm} δ={cfg.delta:g} ({cfg.accountant})"
-                     if cfg.dp else "[red]no DP[/]"))
+                  + privacy_setup(cfg))
     with RoundProgress() as progress:
         report, run_dir = run_simulation(cfg, progress)
     console.print(results_table(report))
@@ -114,6 +120,67 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Folder of a finished ru
     console.print(results_table(rep))
     console.print(rep.markdown().split("## Privacy guarantee", 1)[1].split("##", 1)[0].strip())
     console.print(f"written: {run_dir / 'report.md'}, {run_dir / 'metrics.png'}, {run_dir / 'epsilon.png'}")
+
+
+@app.command()
+@guarded
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="Folder of a finished run (fedpriv simulate).")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed for subsampling and the selection/evaluation split.")] = 0,
+) -> None:
+    """Membership-inference attack on a run's final model: AUC, TPR at low FPR, empirical epsilon lower bound.
+
+    Writes RUN_DIR/audit.json. A sanity check with a weak attack: a lower bound only.
+    """
+    from simulations.audit import AUDIT_FILE, audit_run, audit_table, notes
+    from simulations.console import console
+
+    result = audit_run(run_dir, seed=seed)
+    console.print(audit_table(result))
+    for line in notes(result):
+        console.print(line)
+    console.print(f"written: {run_dir / AUDIT_FILE}")
+
+
+_PLAN = RunConfig()  # plan-budget's defaults are simulate's
+
+
+@app.command("plan-budget")
+@guarded
+def plan_budget(
+    dataset_size: Annotated[int, typer.Option("--dataset-size", help="Records of the client to plan for: the smallest one, which spends the most.")],
+    target_epsilon: Annotated[Optional[float], typer.Option("--target-epsilon", help="Find the smallest noise multiplier that keeps epsilon <= this.")] = None,
+    noise_multiplier: Annotated[Optional[float], typer.Option("--noise-multiplier", help="Compute the epsilon this noise multiplier gives.")] = None,
+    delta: Annotated[float, typer.Option("--delta", help="Target delta; must be below 1/dataset-size.")] = _PLAN.delta,
+    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds.")] = _PLAN.num_rounds,
+    local_epochs: Annotated[int, typer.Option("--local-epochs", help="Local epochs per round.")] = _PLAN.local_epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Expected local batch size (Poisson: rate = batch/n).")] = _PLAN.batch_size,
+    accountant: Annotated[str, typer.Option("--accountant", help="rdp, prv or gdp (gdp: CLT approximation, can underestimate epsilon).")] = _PLAN.accountant,
+) -> None:
+    """Plan a privacy budget: the noise a target epsilon needs, or the epsilon a noise multiplier gives.
+
+    Give exactly one of --target-epsilon and --noise-multiplier. Assumes the client trains in every round (the worst case), with the accounting code training uses.
+
+    Example: fedpriv plan-budget --target-epsilon 3 --dataset-size 1000 --rounds 20
+    """
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise UserInputError("give exactly one of --target-epsilon (to derive the noise) or --noise-multiplier "
+                             "(to compute epsilon)")
+    from rich.table import Table
+
+    from common.budget_planning import describe_plan, noise_for_target
+    from simulations.console import console
+
+    plan_args = (delta, rounds, local_epochs, batch_size, dataset_size, accountant)
+    noise = noise_multiplier if target_epsilon is None else noise_for_target(target_epsilon, *plan_args)
+    plan = describe_plan(noise, *plan_args)
+    table = Table(title=f"{dataset_size} records, {rounds} rounds x {local_epochs} epochs, batch {batch_size}, "
+                        f"delta={delta:g}, {accountant.upper()}")
+    for column in ("noise multiplier", "sample rate", "steps/round", "total steps", "epsilon"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{plan.noise_multiplier:.4g}", f"{plan.sample_rate:.4g}", str(plan.steps_per_round),
+                  str(plan.total_steps), f"{plan.epsilon:.4g}")
+    console.print(table)
 
 
 @app.command()
