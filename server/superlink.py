@@ -104,6 +104,23 @@ class SuperLink:
                 raise UserInputError(f"could not register client key {key}: {_last_line(out)}")
         return len(self.tls.client_public_keys)
 
+    def stop_unfinished_runs(self) -> list[int]:
+        """Stop runs a crashed server left behind in the SuperLink's state.
+
+        Its ServerApp process can outlive a SIGKILL of ``fedpriv server`` and reconnect to the
+        restarted SuperLink (same address, same state), driving the old run beside the resumed one:
+        clients would train each round twice. Returns the stopped run ids.
+        """
+        res = self.flwr("ls", CONNECTION, "--format", "json", timeout=60)
+        try:
+            runs = json.loads(res.stdout).get("runs", [])
+        except ValueError:
+            return []
+        stale = [int(r["run-id"]) for r in runs if not str(r.get("status", "")).startswith("finished")]
+        for run_id in stale:
+            self.flwr("stop", str(run_id), CONNECTION, timeout=60)
+        return stale
+
     def submit(self, cfg: RunConfig) -> int:
         """``flwr run`` the app with ``cfg`` as run config; returns Flower's run id."""
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in cfg.to_dict(kebab=True).items())

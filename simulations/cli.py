@@ -246,6 +246,7 @@ def server(
     try:
         link.start()
         link.register_keys()
+        link.stop_unfinished_runs()  # a crashed server's run must not go on beside the resumed one
         console.print(f"server listening on {host}:{port} ({'TLS + client keys' if tls else 'INSECURE'}); "
                       + (f"resuming after round {done}; " if done else "")
                       + f"run folder {run_dir}")
