@@ -99,15 +99,15 @@ class RunConfig:
     # --------------------------------------------------------------- validation
     def validate(self) -> "RunConfig":
         """Check every option alone; data-dependent checks live with the data. Returns self."""
-        _choice("model", self.model, MODELS)
+        check_choice("model", self.model, MODELS)
         if not (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("npz:")):
             raise UserInputError(
                 f"--dataset '{self.dataset}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz"
             )
-        _choice("partitioning", self.partitioning, PARTITIONINGS)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("accountant", self.accountant, ACCOUNTANTS)
-        _choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        check_choice("partitioning", self.partitioning, PARTITIONINGS)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("accountant", self.accountant, ACCOUNTANTS)
+        check_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         _positive_int("num-clients", self.num_clients)
         _positive_int("num-rounds", self.num_rounds)
         _positive_int("local-epochs", self.local_epochs)
@@ -136,7 +136,7 @@ class RunConfig:
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             raise UserInputError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
         _positive_float("server-learning-rate", self.server_learning_rate)
-        _choice("central-dp", self.central_dp, CENTRAL_DP_MODES)
+        check_choice("central-dp", self.central_dp, CENTRAL_DP_MODES)
         if self.central_dp != "off":
             _positive_float("central-noise-multiplier", self.central_noise_multiplier)
             _positive_float("central-clipping-norm", self.central_clipping_norm)
@@ -232,7 +232,8 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         ) from None
 
 
-def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(option: str, value: str, allowed) -> None:  # noqa: ANN001 - any sequence of names
+    """The one-line error for an unknown choice, shared by every option with a fixed set of values."""
     if value not in allowed:
         raise UserInputError(f"--{option} '{value}' is unknown; choose one of: {', '.join(allowed)}")
 

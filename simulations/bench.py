@@ -187,15 +187,13 @@ def _dp_overhead(threads: int, batch_size: int, steps: int, seconds: float, warm
                  models: Optional[list[str]], modes: Optional[list[str]]) -> None:
     from common.errors import UserInputError
 
-    keys = [c.key for c in CASES]
-    for key in models or []:
-        if key not in keys:
-            raise UserInputError(f"--model '{key}' is unknown; choose one of: {', '.join(keys)}")
     from client.grad_sample_modes import MODES
+    from common.config import check_choice
 
+    for key in models or []:
+        check_choice("model", key, [c.key for c in CASES])
     for mode in modes or []:
-        if mode not in MODES:
-            raise UserInputError(f"--mode '{mode}' is unknown; choose one of: {', '.join(MODES)}")
+        check_choice("mode", mode, MODES)
     for option, value, least in (("threads", threads, 1), ("batch-size", batch_size, 1), ("steps", steps, 1),
                                  ("seconds", seconds, 0), ("warmup", warmup, 0)):
         if not value >= least:  # also NaN

@@ -291,16 +291,15 @@ def quality(
 
 def _quality(out: Optional[Path], keys: Optional[list[str]], sweep: bool, quick: bool, timeout: float,
              parts: Optional[list[str]] = None) -> None:
+    from common.config import check_choice
     from common.errors import UserInputError
     from simulations.console import console
 
     known = {r.key: r for r in RECIPES}
     for key in keys or []:
-        if key not in known:
-            raise UserInputError(f"--recipe '{key}' is unknown; choose one of: {', '.join(known)}")
+        check_choice("recipe", key, list(known))
     for part in parts or []:
-        if part not in PARTS:
-            raise UserInputError(f"--part '{part}' is unknown; choose one of: {', '.join(PARTS)}")
+        check_choice("part", part, PARTS)
     if not timeout > 0:
         raise UserInputError(f"--timeout must be positive (got {timeout})")
     chosen = [r for r in RECIPES if not keys or r.key in keys]
