@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,6 +38,7 @@ def local_data(cfg: RunConfig, node_config: dict) -> LocalData:
 
 
 _PARTITIONS: dict[tuple, tuple[object, list[np.ndarray]]] = {}
+_PARTITIONS_LOCK = threading.Lock()  # in-process simulation trains clients in threads
 
 
 def _partition_of(data, parts: int, method: str, seed: int, alpha: float, per_client: int) -> list[np.ndarray]:
@@ -44,12 +46,13 @@ def _partition_of(data, parts: int, method: str, seed: int, alpha: float, per_cl
     actor in simulation) would otherwise re-partition the whole training set for each of them (75 ms a
     call for Dirichlet over 200 clients). Keyed by the dataset object, which the entry keeps alive."""
     key = (id(data), parts, method, seed, alpha, per_client)
-    if key not in _PARTITIONS:
-        if len(_PARTITIONS) >= 4:
-            _PARTITIONS.pop(next(iter(_PARTITIONS)))
-        _PARTITIONS[key] = (data, partition(data.y_train, len(data.x_train), parts, method, seed=seed, alpha=alpha,
-                                            classes_per_client=per_client))
-    return _PARTITIONS[key][1]
+    with _PARTITIONS_LOCK:
+        if key not in _PARTITIONS:
+            if len(_PARTITIONS) >= 4:
+                _PARTITIONS.pop(next(iter(_PARTITIONS)))
+            _PARTITIONS[key] = (data, partition(data.y_train, len(data.x_train), parts, method, seed=seed,
+                                                alpha=alpha, classes_per_client=per_client))
+        return _PARTITIONS[key][1]
 
 
 @lru_cache(maxsize=8)

@@ -19,6 +19,7 @@ PARTITIONINGS = ("iid", "dirichlet", "shards")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 CENTRAL_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+SIMULATION_BACKENDS = ("in-process", "ray")
 # "auto" = the fastest exact mode for the model family (client/grad_sample_modes.py);
 # "bookkeeping" = our single-backward-pass exact clipping (client/bookkeeping.py).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
@@ -74,6 +75,7 @@ class RunConfig:
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
     round_timeout: float = field(default=600.0, metadata={"help": "Seconds the server waits for replies in a round before going on without the missing clients."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})
+    simulation_backend: str = field(default="in-process", metadata={"help": "fedpriv simulate's executor: in-process (ClientApps in threads, no start-up cost) or ray (process isolation, GPU scheduling)."})
     run_dir: str = field(default="", metadata={"help": "Run folder (default: runs/<time>-<model>-<dataset>)."})
 
     # ------------------------------------------------------------------ mapping
@@ -130,6 +132,7 @@ class RunConfig:
         _positive_float("dirichlet-alpha", self.dirichlet_alpha)
         _positive_float("learning-rate", self.learning_rate)
         _positive_float("client-cpus", self.client_cpus)
+        check_choice("simulation-backend", self.simulation_backend, SIMULATION_BACKENDS)
         _positive_float("round-timeout", self.round_timeout)
         if not 0.0 <= self.momentum < 1.0:
             raise UserInputError(f"--momentum must be in [0, 1) (got {self.momentum})")

@@ -450,9 +450,20 @@ def sim_breakdown(res: ChildResult) -> dict[str, float]:
         "round 1: rest": first["end"] - actor_ready,
         "rounds 2..R (each, median)": _median(later),
         "client handler (each call, median)": _median(handler),
-        "final write + Ray shutdown": marks["returned"] - end_last,
+        "final write + shutdown": marks["returned"] - end_last,
         "interpreter exit": res.wall_s - (marks["returned"] - launch),
     }
+
+
+def _executor_note(base: dict[str, Any]) -> str:
+    """How the simulation ran its clients, for table footers."""
+    cpus = base["client_cpus"]
+    if base["simulation_backend"] == "ray":
+        return f"Ray actors of {cpus:g} CPU(s) each on {os.cpu_count()} CPUs, one torch thread per client CPU"
+    from simulations.inprocess_backend import worker_count
+
+    return (f"in-process, {worker_count(cpus)} ClientApp thread(s) ({cpus:g} CPU(s) per client on {os.cpu_count()} "
+            "CPUs), one torch thread per client CPU")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -551,6 +562,7 @@ def framework(
     repeats: Annotated[int, typer.Option("--repeats", help="Runs of each variant, alternating.")] = 1,
     loop_threads: Annotated[int, typer.Option("--loop-threads", help="Torch threads of the plain loop, as each simulated client uses (--client-cpus 1); 0: torch's default.")] = 1,
     nice: Annotated[int, typer.Option("--nice", help="Extra niceness of the measured processes (they inherit this one's).")] = 0,
+    backend: Annotated[str, typer.Option("--backend", help="Simulation backend: in-process or ray.")] = "in-process",
 ) -> None:
     """Simulation wall time vs the same local training in a plain loop, for several client counts.
 
@@ -559,7 +571,7 @@ def framework(
     from simulations.cli import guarded
 
     guarded(_framework)(clients or [10, 50, 200], num_rounds, local_epochs, dataset, mnist1d_samples, model,
-                        repeats, loop_threads, nice)
+                        repeats, loop_threads, nice, backend)
 
 
 def _base_config(**values: Any) -> dict[str, Any]:
@@ -576,13 +588,14 @@ def _strip(base: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in base.items() if not k.startswith("_")}
 
 
-def _framework(clients, num_rounds, local_epochs, dataset, mnist1d_samples, model, repeats, loop_threads, nice):
+def _framework(clients, num_rounds, local_epochs, dataset, mnist1d_samples, model, repeats, loop_threads, nice,
+               backend="in-process"):
     from simulations.console import console
 
     _check_positive(num_rounds=num_rounds, local_epochs=local_epochs, repeats=repeats)
     clients = _client_list(clients)
     base = _base_config(dataset=dataset, mnist1d_samples=mnist1d_samples, model=model, num_rounds=num_rounds,
-                        local_epochs=local_epochs, min_clients=2)
+                        local_epochs=local_epochs, min_clients=2, simulation_backend=backend)
     load_before = _load_note()
     with tempfile.TemporaryDirectory(prefix="fedpriv-bench-framework-") as tmp, console.status("measuring") as status:
         rows = measure_framework(clients, _strip(base), repeats, nice, Path(tmp), loop_threads,
@@ -590,8 +603,7 @@ def _framework(clients, num_rounds, local_epochs, dataset, mnist1d_samples, mode
     for table in framework_tables(rows, base):
         console.print(table)
     console.print(f"plain loop: one process, {rows[0].loops[0].data['threads']} torch thread(s), clients in turn; "
-                  f"simulation: Ray actors of {base['client_cpus']:g} CPU(s) each on {os.cpu_count()} CPUs, "
-                  "one torch thread per client CPU")
+                  f"simulation: {_executor_note(base)}")
     console.print(f"load: {load_before} before, {_load_note()} after; measured processes at nice {min(19, os.nice(0) + nice)}")
 
 
@@ -631,7 +643,7 @@ def _scale(clients, small, per_round, num_rounds, mnist1d_samples, repeats, nice
 
     _check_positive(num_rounds=num_rounds, repeats=repeats, per_round=per_round)
     if num_rounds < 2:
-        raise UserInputError("--num-rounds must be >= 2 (round 1 includes actor start-up and is shown apart)")
+        raise UserInputError("--num-rounds must be >= 2 (round 1 includes start-up and is shown apart)")
     if not 2 <= per_round <= small <= clients:
         raise UserInputError(f"need 2 <= --per-round ({per_round}) <= --small ({small}) <= --clients ({clients})")
     load_before = _load_note()
@@ -653,8 +665,8 @@ def scale_table(results: dict[int, list[ChildResult]], *, per_round: int, num_ro
     from rich.table import Table
 
     table = Table(title=f"Scale: {per_round} clients per round, {num_rounds} rounds, MNIST-1D ({mnist1d_samples} "
-                        "records), CNN with DP; round time excludes round 1 (actor start-up); memory summed over "
-                        "the whole process tree (Ray included)")
+                        "records), CNN with DP, in-process backend; round time excludes round 1 (start-up); memory "
+                        "summed over the whole process tree")
     for col in ("total clients", "round 1 s", "rounds 2..R s (median)", "wall s", "peak RSS (sum)",
                 "peak PSS (sum)", "processes"):
         table.add_column(col, justify="right")
@@ -773,8 +785,9 @@ def peer(
 
 def peer_config(num_clients: int, num_rounds: int, local_epochs: int, dataset: str) -> dict[str, Any]:
     """The CNN with DP on ``dataset``, every client every round: the same for both workflows."""
+    # Both on Flower's Simulation Engine with Ray, so the comparison is the workflow, not the engine.
     return _strip(_base_config(dataset=dataset, model="cnn", num_clients=num_clients, num_rounds=num_rounds,
-                               local_epochs=local_epochs, min_clients=2))
+                               local_epochs=local_epochs, min_clients=2, simulation_backend="ray"))
 
 
 def _peer(clients, num_rounds, local_epochs, dataset, repeats, nice):
@@ -783,7 +796,7 @@ def _peer(clients, num_rounds, local_epochs, dataset, repeats, nice):
 
     _check_positive(local_epochs=local_epochs, repeats=repeats)
     if num_rounds < 2:
-        raise UserInputError("--num-rounds must be >= 2 (round 1 includes actor start-up and is shown apart)")
+        raise UserInputError("--num-rounds must be >= 2 (round 1 includes start-up and is shown apart)")
     _client_list([clients])
     load_before = _load_note()
     base = peer_config(clients, num_rounds, local_epochs, dataset)

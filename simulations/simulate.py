@@ -1,4 +1,7 @@
-"""Run a federation locally on Flower's Simulation Engine (Ray), one virtual SuperNode per client."""
+"""Run a federation locally, one virtual SuperNode per client, as ``cfg.simulation_backend`` says:
+in this process (default, see :mod:`simulations.inprocess_backend`) or on Flower's Simulation Engine
+with Ray actors.
+"""
 
 from __future__ import annotations
 
@@ -22,25 +25,35 @@ def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[Run
     preflight(cfg)
     run_dir = resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.simulation import run_simulation
-
     from client.app import app as client_app
     from server.app import build_server_app
 
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
-    }
     with _flower_logs_to(run_dir / "flower.log"):
-        run_simulation(server_app=build_server_app(cfg, observer), client_app=client_app,
-                       num_supernodes=cfg.num_clients, backend_config=backend_config)
+        if cfg.simulation_backend == "ray":
+            _run_on_ray(cfg, build_server_app(cfg, observer), client_app)
+        else:
+            from simulations.inprocess_backend import run_inprocess, worker_count
+
+            run_inprocess(build_server_app(cfg, observer), client_app, cfg.num_clients, worker_count(cfg.client_cpus))
     report = RunReport.load(run_dir)
     if len(report.rounds) < cfg.num_rounds:
         raise FederationFailed(f"the simulation stopped after {len(report.rounds)} of {cfg.num_rounds} rounds; "
                                f"see {run_dir / 'flower.log'}")
     return report, run_dir
+
+
+def _run_on_ray(cfg: RunConfig, server_app, client_app) -> None:
+    """Flower's Simulation Engine with Ray actors of ``client-cpus`` CPUs each."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
+    }
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
+                   backend_config=backend_config)
 
 
 class _flower_logs_to:

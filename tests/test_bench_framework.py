@@ -56,7 +56,7 @@ def test_breakdown_from_marks_rounds_and_trace():
     assert parts["round 1: rest"] == pytest.approx(3.0)
     assert parts["rounds 2..R (each, median)"] == pytest.approx(2.5)
     assert parts["client handler (each call, median)"] == pytest.approx(0.5)
-    assert parts["final write + Ray shutdown"] == pytest.approx(2.0)
+    assert parts["final write + shutdown"] == pytest.approx(2.0)
     assert parts["interpreter exit"] == pytest.approx(3.0)
 
 
@@ -124,7 +124,7 @@ def test_simulation_and_loop_children(sim_run, tmp_path):
     assert len(sim.data["trace"]) == 4  # every training message went through the traced ClientApp
     parts = bf.sim_breakdown(sim)
     assert all(math.isfinite(v) and v >= 0 for k, v in parts.items() if k != "interpreter exit"), parts
-    assert sim.peak_procs >= 3 and sim.peak_pss > 0  # driver + Ray's processes were sampled
+    assert sim.peak_procs >= 1 and sim.peak_pss > 0  # the in-process simulation is one process
 
     loop = bf.run_child("loop", {"config": {**cfg, "run_dir": str(tmp_path)}, "threads": 1}, "smoke", timeout=240)
     assert loop.data["compute_s"] > 0 and loop.data["threads"] == 1

@@ -12,12 +12,12 @@ import sys
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.simulation import run_simulation
 
 from client.app import train as honest_train
 from common import records
 from common.config import RunConfig
 from server.app import build_server_app
+from simulations.inprocess_backend import run_inprocess
 
 app = ClientApp()
 
@@ -46,6 +46,4 @@ def train(msg: Message, context: Context) -> Message:
 
 if __name__ == "__main__":
     cfg = RunConfig(num_clients=5, num_rounds=2, run_dir=sys.argv[1]).validate()
-    run_simulation(server_app=build_server_app(cfg), client_app=app, num_supernodes=5,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    run_inprocess(build_server_app(cfg), app, 5, workers=2)

@@ -1,0 +1,138 @@
+"""In-process simulation: the ServerApp's Grid hands each message straight to the ClientApp.
+
+Why not Flower's Simulation Engine (``run_simulation``, still available as ``--simulation-backend
+ray``): measured on 2 cores (50 clients, MNIST-1D CNN, 3 rounds), Ray was most of a short run's
+wall time (8.4 s before the first actor ran a client, 8.0 s more while the other actors imported
+torch and Opacus, 3.2 s of shutdown), and the engine's message bus polls its in-memory LinkState:
+every 0.1 s one lookup per virtual SuperNode, each scanning every queued message (O(N²) Python per
+poll), plus the Grid's own poll. With the ClientApps in the same process, that polling held the GIL
+often enough to slow local training by 60 % (0.154 s vs 0.096 s per client round).
+
+What stays Flower's: the same ``ServerApp`` and ``ClientApp`` objects (mods included), talking
+through Flower's ``Grid`` interface with Flower ``Message``s, ``Context``s and error replies, as on
+the Simulation Engine. What this module adds is only the transport: :class:`DirectGrid` runs each
+pushed message on a thread pool and returns the reply when it is pulled. Like Ray's actor pool it
+runs one client per ``client-cpus`` of the machine at a time, passes each message by copy (a
+ClientApp cannot mutate what the server holds), handles a SuperNode's messages one at a time, and
+turns a ClientApp exception into an error reply. It does not give process isolation (a client that
+crashes the interpreter ends the run) or GPU scheduling: use Ray for those.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import threading
+import traceback
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from logging import getLogger
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+BACKEND_NAME = "in-process"
+log = getLogger("fedpriv.simulation")
+
+
+def worker_count(client_cpus: float, cpus: int | None = None) -> int:
+    """Clients trained at once: the machine's CPUs over each client's share, at least one (Ray's rule)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, int(cpus // max(client_cpus, 1e-9)))
+
+
+class DirectGrid(Grid):
+    """A Grid whose SuperNodes are ClientApp calls on a thread pool of this process."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run: Run, workers: int) -> None:
+        self._app, self._run = client_app, run
+        ids: set[int] = set()
+        while len(ids) < num_nodes:  # random 63-bit ids, as the SuperLink assigns them
+            ids.add(secrets.randbits(63) or 1)
+        self._contexts = {
+            node_id: Context(run_id=run.run_id, node_id=node_id, state=RecordDict(), run_config={},
+                             node_config={PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_nodes})
+            for i, node_id in enumerate(sorted(ids))
+        }
+        self._node_locks = {node_id: threading.Lock() for node_id in self._contexts}
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clientapp")
+        self._pending: dict[str, Future[Message]] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- Grid interface
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return Run(**vars(self._run))
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self._contexts:
+                raise ValueError(f"no SuperNode {msg.metadata.dst_node_id} in this simulation")
+            msg.metadata.__dict__["_message_id"] = message_id = str(uuid4())
+            future = self._pool.submit(self._handle, copy.deepcopy(msg))
+            with self._lock:
+                self._pending[message_id] = future
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        with self._lock:
+            done = [i for i in message_ids if i in self._pending and self._pending[i].done()]
+            futures = [self._pending.pop(i) for i in done]
+        return [f.result() for f in futures]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        with self._lock:
+            futures = [self._pending[i] for i in ids]
+        wait(futures, timeout=timeout)
+        return self.pull_messages(ids)
+
+    # ----------------------------------------------------------------- running
+    def _handle(self, msg: Message) -> Message:
+        node_id = msg.metadata.dst_node_id
+        with self._node_locks[node_id]:  # a SuperNode runs its messages one after another
+            try:
+                reply = self._app(message=msg, context=self._contexts[node_id])
+            except Exception as ex:  # the server sees an error reply, as from the Simulation Engine
+                log.error("ClientApp failed on node %s: %s\n%s", node_id, ex, traceback.format_exc())
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"{type(ex).__name__}: {ex}"), reply_to=msg)
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        return reply
+
+    def shutdown(self) -> None:
+        """Wait for running ClientApps (a timed-out round may leave some) and release the threads."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, workers: int) -> None:
+    """Run ``server_app`` against ``num_supernodes`` virtual SuperNodes served by ``client_app``."""
+    run = Run.create_empty(run_id=secrets.randbits(63) or 1)
+    # Messages take their sender from the task identity, as run_simulation and the ServerApp
+    # process set it for their ServerApp.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    grid = DirectGrid(client_app, num_supernodes, run, workers)
+    context = Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                      run_config={})
+    try:
+        server_app(grid=grid, context=context)
+    finally:
+        grid.shutdown()
