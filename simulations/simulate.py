@@ -16,6 +16,10 @@ from server.run_dir import resolve_run_dir
 from simulations.preflight import preflight
 
 
+# What the ClientApp imports on its first training message; loaded before forking simulation workers.
+CLIENT_MODULES = ("client.dp_training", "client.local_data", "common.models", "common.privacy")
+
+
 class FederationFailed(RuntimeError):
     """The simulation ended without a report (e.g. every client crashed)."""
 
@@ -34,7 +38,8 @@ def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[Run
         else:
             from simulations.inprocess_backend import run_inprocess, worker_count
 
-            run_inprocess(build_server_app(cfg, observer), client_app, cfg.num_clients, worker_count(cfg.client_cpus))
+            run_inprocess(build_server_app(cfg, observer), client_app, cfg.num_clients, worker_count(cfg.client_cpus),
+                          preload=CLIENT_MODULES)
     report = RunReport.load(run_dir)
     if len(report.rounds) < cfg.num_rounds:
         raise FederationFailed(f"the simulation stopped after {len(report.rounds)} of {cfg.num_rounds} rounds; "

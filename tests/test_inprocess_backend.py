@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -23,7 +24,7 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def _echo_app(log: list | None = None, delay: float = 0.0) -> ClientApp:
+def _echo_app(delay: float = 0.0) -> ClientApp:
     """Replies with its partition id and how many messages its node has seen (state kept in the Context)."""
     app = ClientApp()
 
@@ -34,13 +35,11 @@ def _echo_app(log: list | None = None, delay: float = 0.0) -> ClientApp:
         msg.content["config"]["mutated"] = 1  # must not reach the server's copy
         seen = int(context.state["seen"]["n"]) + 1 if "seen" in context.state else 1
         context.state["seen"] = ConfigRecord({"n": seen})
-        if log is not None:
-            log.append(("start", context.node_id, time.monotonic()))
+        start = time.time()  # wall clock: comparable across the worker processes
         time.sleep(delay)
-        if log is not None:
-            log.append(("end", context.node_id, time.monotonic()))
-        return Message(RecordDict({"m": MetricRecord({"pid": int(context.node_config["partition-id"]), "seen": seen})}),
-                       reply_to=msg)
+        metrics = MetricRecord({"pid": int(context.node_config["partition-id"]), "seen": seen, "start": start,
+                                "end": time.time(), "os-pid": os.getpid()})
+        return Message(RecordDict({"m": metrics}), reply_to=msg)
 
     return app
 
@@ -101,25 +100,26 @@ def test_pull_returns_only_finished_replies_and_each_once(task_identity):
         grid.shutdown()
 
 
-def test_a_node_runs_its_messages_one_at_a_time_while_nodes_run_in_parallel(task_identity):
-    log: list = []
-    grid = DirectGrid(_echo_app(log, delay=0.2), 2, Run.create_empty(run_id=7), workers=2)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_node_runs_its_messages_one_at_a_time_while_nodes_run_in_parallel(task_identity, workers):
+    grid = DirectGrid(_echo_app(delay=0.3), 2, Run.create_empty(run_id=7), workers=workers)
     try:
         a, b = grid.get_node_ids()
-        grid.send_and_receive([_message(a), _message(a), _message(b)], timeout=30)
+        replies = list(grid.send_and_receive([_message(a), _message(a), _message(b)], timeout=30))
     finally:
         grid.shutdown()
-    spans: dict[int, list[tuple[float, float]]] = {}
-    starts: dict[int, list[float]] = {}
-    for kind, node, t in log:
-        if kind == "start":
-            starts.setdefault(node, []).append(t)
-        else:
-            spans.setdefault(node, []).append((starts[node].pop(0), t))
-    (a1, a2) = sorted(spans[a])
-    assert a2[0] >= a1[1]  # node a: second message only after the first
+    spans = {a: [], b: []}
+    for reply in replies:
+        spans[reply.metadata.src_node_id].append((reply.content["m"]["start"], reply.content["m"]["end"]))
+    a1, a2 = sorted(spans[a])
+    assert a2[0] >= a1[1]  # node a: its second message only after its first
     (b1,) = spans[b]
-    assert b1[0] < a1[1] or b1[0] < a2[1]  # node b overlapped with node a
+    pids = {r.content["m"]["os-pid"] for r in replies}
+    if workers == 1:  # one thread of this process, one message at a time
+        assert pids == {os.getpid()}
+    else:  # node b overlapped with node a, in another forked worker
+        assert b1[0] < a1[1] or b1[0] < a2[1]
+        assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_run_inprocess_drives_a_server_app_and_returns():
