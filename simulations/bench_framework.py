@@ -837,5 +837,9 @@ def peer_table(runs: dict[str, list[ChildResult]], base: dict[str, Any]):
 
 if __name__ == "__main__":
     from simulations.bench_framework import child_main as _main  # the importable module, so Ray can pickle by name
+    from simulations.cli import fast_exit
 
-    _main(sys.argv[1:])
+    try:
+        _main(sys.argv[1:])
+    finally:
+        fast_exit()  # as the fedpriv command does
