@@ -462,8 +462,10 @@ def _executor_note(base: dict[str, Any]) -> str:
         return f"Ray actors of {cpus:g} CPU(s) each on {os.cpu_count()} CPUs, one torch thread per client CPU"
     from simulations.inprocess_backend import worker_count
 
-    return (f"in-process, {worker_count(cpus)} ClientApp thread(s) ({cpus:g} CPU(s) per client on {os.cpu_count()} "
-            "CPUs), one torch thread per client CPU")
+    workers = worker_count(cpus)
+    where = "a thread of the driver" if workers == 1 else f"{workers} worker processes forked from the driver"
+    return (f"in-process backend, clients run in {where} ({cpus:g} CPU(s) per client on {os.cpu_count()} CPUs), "
+            "one torch thread per client CPU")
 
 
 def _fmt_bytes(n: float) -> str:
