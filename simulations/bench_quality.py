@@ -4,7 +4,7 @@ Each recipe is one ``fedpriv simulate`` command line (the README's quality table
 run with DP at its target epsilon (``--target-epsilon`` derives the noise so the worst-case
 client ends at most there), again at smaller epsilons for the accuracy-vs-epsilon plot, and once
 with ``--no-dp`` for the price of privacy. Every run is a fresh ``python -m simulations.cli``
-process, so its wall time is what a user waits, Ray start-up included. The numbers read back are
+process, so its wall time is what a user waits, start-up included. The numbers read back are
 the final round's server-side test metric and the run report's max per-client epsilon.
 
 Output folder: ``quality.md`` (the table), ``quality.json`` (every run, with its per-round

@@ -92,7 +92,7 @@ def test_results_are_strict_json_with_a_plot(tmp_path):
 def test_quick_bench_writes_table_json_and_plot(fedpriv, tmp_path):
     out = tmp_path / "quality"
     # Two simulations (DP at the target, and no DP); the sweep's extra runs are covered by the plan and
-    # results tests above. Mostly Ray start-up; the limit allows a machine busy with other work.
+    # results tests above. Mostly start-up; the limit allows a machine busy with other work.
     result = fedpriv("bench", "quality", "--quick", "--no-sweep", "--recipe", "autoencoder-digits", "--out", str(out),
                      timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
