@@ -1,22 +1,24 @@
 """In-process simulation: the ServerApp's Grid hands each message straight to the ClientApp.
 
 Why not Flower's Simulation Engine (``run_simulation``, still available as ``--simulation-backend
-ray``): measured on 2 cores (50 clients, MNIST-1D CNN, 3 rounds), Ray was most of a short run's
-wall time (8.4 s before the first actor ran a client, 8.0 s more while the other actors imported
-torch and Opacus, 3.2 s of shutdown), and the engine's message bus polls its in-memory LinkState:
-every 0.1 s one lookup per virtual SuperNode, each scanning every queued message (O(N²) Python per
-poll), plus the Grid's own poll. With the ClientApps in the same process, that polling held the GIL
-often enough to slow local training by 60 % (0.154 s vs 0.096 s per client round).
+ray``): measured on 2 cores (50 clients, digits CNN, 3 rounds), Ray was most of a short run's wall
+time (8.4 s before the first actor ran a client, 8.0 s more while the other actors imported torch
+and Opacus, 3.2 s of shutdown). The engine's message bus also polls its in-memory LinkState every
+0.1 s with one lookup per virtual SuperNode, each scanning every queued message; with ClientApps
+in threads of the same process under that engine, the polling slowed local training by 60 %
+(0.154 s vs 0.096 s per client round, MNIST-1D CNN).
 
 What stays Flower's: the same ``ServerApp`` and ``ClientApp`` objects (mods included), talking
 through Flower's ``Grid`` interface with Flower ``Message``s, ``Context``s and error replies, as on
 the Simulation Engine. What this module adds is only the transport: :class:`DirectGrid` runs each
-pushed message on a thread pool and returns the reply when it is pulled. Like Ray's actor pool it
-runs one client per ``client-cpus`` of the machine at a time, passes each message by copy (a
-ClientApp cannot mutate what the server holds), handles a SuperNode's messages one at a time, and
-turns a ClientApp exception into an error reply. It does not give process isolation (a client that
-crashes the interpreter ends the run) or GPU scheduling: use Ray for those.
+pushed message on a worker and returns the reply when it is pulled. Like Ray's actor pool it runs
+one client per ``client-cpus`` of the machine at a time (in processes forked from this one when
+there are several, since DP-SGD's Python-heavy steps would wait for the GIL in threads), passes
+each message by copy, handles a SuperNode's messages one at a time, and turns a ClientApp
+exception into an error reply. It does not give GPU scheduling, and a worker that dies (e.g.
+killed for memory) fails the rest of the run's messages: use Ray for those cases.
 """
+
 
 from __future__ import annotations
 
