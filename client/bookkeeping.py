@@ -17,7 +17,7 @@ layer's *output* (autograd then skips every weight gradient), and per layer:
 ``p.grad`` then holds the exact clipped sum; Opacus' ``DPOptimizerFastGradientClipping`` adds the
 noise and divides by the expected batch size, and Opacus' Poisson loader and accountant stay in
 charge of sampling and accounting. Layers covered: ``nn.Linear`` (and Opacus' ``RNNLinear``, which
-``DPLSTM`` calls once per time step: the calls form the sequence axis), ``nn.Conv1d`` and
+``DPGRU`` and ``DPLSTM`` call once per time step: the calls form the sequence axis), ``nn.Conv1d`` and
 ``nn.Conv2d`` with numeric zero padding. A model with any other trainable layer, or with weights
 shared between layers, is not supported (:func:`supports`); the caller picks an Opacus mode then.
 """

@@ -71,7 +71,7 @@ class RunConfig:
     budget_epsilon: float = field(default=0.0, metadata={"help": "Per-client epsilon budget; a client declines rounds that would exceed it (0 = no budget)."})
     target_epsilon: float = field(default=0.0, metadata={"help": "Derive --noise-multiplier (overriding it) so the smallest client, assumed to train in every round (worst case), ends at epsilon <= this (0 = off)."})
     rnn_hidden: int = field(default=64, metadata={"help": "RNN hidden size."})
-    rnn_layers: int = field(default=1, metadata={"help": "RNN LSTM layers."})
+    rnn_layers: int = field(default=1, metadata={"help": "RNN GRU layers."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
     round_timeout: float = field(default=600.0, metadata={"help": "Seconds the server waits for replies in a round before going on without the missing clients."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})

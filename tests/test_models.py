@@ -61,7 +61,7 @@ def test_same_seed_same_initial_weights():
 def test_model_from_config_uses_its_sizes():
     cfg = RunConfig(model="rnn", rnn_hidden=24, rnn_layers=2, encoding_dim=7)
     rnn = model_from_config(cfg, (1, 40), 10, seed=0)
-    assert rnn.lstm.hidden_size == 24 and rnn.lstm.num_layers == 2
+    assert rnn.rnn.hidden_size == 24 and rnn.rnn.num_layers == 2
     assert rnn.head.in_features == 24
     ae = model_from_config(RunConfig(model="autoencoder", encoding_dim=7), (1, 8, 8), 0, seed=0)
     assert ae.encoder[-2].out_features == 7
