@@ -18,6 +18,18 @@ CASES = {
 }
 
 
+def _assert_composed_over_rounds(privacy: dict, rounds: list[int]) -> None:
+    """Every client's epsilon grows round by round, and anyone can recompute it from the report."""
+    for client in privacy["clients"].values():
+        history = client["history"]
+        assert [h["round"] for h in history] == rounds
+        epsilons = [h["epsilon"] for h in history]
+        assert all(0 < a < b for a, b in zip(epsilons, epsilons[1:])), epsilons  # composed over rounds
+        mechanisms = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history]
+        assert math.isclose(client["epsilon"], epsilon_for(mechanisms, privacy["delta"], privacy["accountant"]),
+                            rel_tol=1e-6)
+
+
 @pytest.mark.parametrize("model", list(CASES))
 def test_simulation_end_to_end(fedpriv, tmp_path, model):
     run_dir = tmp_path / "run"
@@ -36,15 +48,7 @@ def test_simulation_end_to_end(fedpriv, tmp_path, model):
     privacy = report["privacy"]
     assert privacy["delta"] == 1e-5 and len(privacy["clients"]) == 3
 
-    for client in privacy["clients"].values():
-        history = client["history"]
-        assert [h["round"] for h in history] == [1, 2]
-        epsilons = [h["epsilon"] for h in history]
-        assert 0 < epsilons[0] < epsilons[1], epsilons  # strictly growing: composed over rounds
-        # Anyone can recompute the final epsilon from the mechanism history in the report.
-        mechanisms = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history]
-        assert math.isclose(client["epsilon"], epsilon_for(mechanisms, privacy["delta"], privacy["accountant"]),
-                            rel_tol=1e-6)
+    _assert_composed_over_rounds(privacy, [1, 2])
 
     final = report["rounds"][-1]["metrics"]
     if model == "autoencoder":
@@ -96,9 +100,5 @@ def test_ray_backend_runs_the_same_federation(fedpriv, tmp_path):
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     privacy = report["privacy"]
     assert len(privacy["clients"]) == 3
-    for client in privacy["clients"].values():
-        assert [h["round"] for h in client["history"]] == [1, 2]
-        mechanisms = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in client["history"]]
-        assert math.isclose(client["epsilon"], epsilon_for(mechanisms, privacy["delta"], privacy["accountant"]),
-                            rel_tol=1e-6)
+    _assert_composed_over_rounds(privacy, [1, 2])
     assert report["rounds"][-1]["metrics"]["accuracy"] > 0.2
