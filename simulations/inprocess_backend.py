@@ -42,7 +42,6 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-BACKEND_NAME = "in-process"
 log = getLogger("fedpriv.simulation")
 
 
