@@ -32,13 +32,14 @@ def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[Run
     from client.app import app as client_app
     from server.app import build_server_app
 
+    server_app = build_server_app(cfg, observer)
     with _flower_logs_to(run_dir / "flower.log"):
         if cfg.simulation_backend == "ray":
-            _run_on_ray(cfg, build_server_app(cfg, observer), client_app)
+            _run_on_ray(cfg, server_app, client_app)
         else:
             from simulations.inprocess_backend import run_inprocess, worker_count
 
-            run_inprocess(build_server_app(cfg, observer), client_app, cfg.num_clients, worker_count(cfg.client_cpus),
+            run_inprocess(server_app, client_app, cfg.num_clients, worker_count(cfg.client_cpus),
                           preload=CLIENT_MODULES)
     report = RunReport.load(run_dir)
     if len(report.rounds) < cfg.num_rounds:

@@ -18,6 +18,13 @@ CASES = {
 }
 
 
+def _simulate(fedpriv, run_dir, *args: str, timeout: float = 420):
+    """Run ``fedpriv simulate ARGS --run-dir RUN_DIR``; it must succeed. Returns its result and report."""
+    result = fedpriv("simulate", *args, "--run-dir", str(run_dir), timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((run_dir / "report.json").read_text())
+
+
 def _assert_composed_over_rounds(privacy: dict, rounds: list[int]) -> None:
     """Every client's epsilon grows round by round, and anyone can recompute it from the report."""
     for client in privacy["clients"].values():
@@ -33,9 +40,7 @@ def _assert_composed_over_rounds(privacy: dict, rounds: list[int]) -> None:
 @pytest.mark.parametrize("model", list(CASES))
 def test_simulation_end_to_end(fedpriv, tmp_path, model):
     run_dir = tmp_path / "run"
-    result = fedpriv("simulate", *CASES[model], "--num-clients", "3", "--num-rounds", "2",
-                     "--run-dir", str(run_dir), timeout=420)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result, report = _simulate(fedpriv, run_dir, *CASES[model], "--num-clients", "3", "--num-rounds", "2")
     assert "max ε" in result.stdout
 
     for name in ("config.json", "report.json", "report.md", "metrics.png", "epsilon.png", "final_model.pt",
@@ -43,7 +48,6 @@ def test_simulation_end_to_end(fedpriv, tmp_path, model):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"] == model and config["num_clients"] == 3
-    report = json.loads((run_dir / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     privacy = report["privacy"]
     assert privacy["delta"] == 1e-5 and len(privacy["clients"]) == 3
@@ -61,10 +65,7 @@ def test_simulation_end_to_end(fedpriv, tmp_path, model):
 
 def test_non_private_run_reports_infinite_epsilon_and_report_rerenders(fedpriv, tmp_path):
     run_dir = tmp_path / "run"
-    result = fedpriv("simulate", "--no-dp", "--num-clients", "3", "--num-rounds", "1", "--run-dir", str(run_dir),
-                     timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_dir / "report.json").read_text())
+    _, report = _simulate(fedpriv, run_dir, "--no-dp", "--num-clients", "3", "--num-rounds", "1", timeout=300)
     assert report["privacy"]["max_epsilon"] == "inf"
     assert all(c["epsilon"] == "inf" for c in report["privacy"]["clients"].values())
     (run_dir / "report.md").unlink()
@@ -77,10 +78,7 @@ def test_non_private_run_reports_infinite_epsilon_and_report_rerenders(fedpriv, 
 
 def test_clients_decline_rounds_beyond_their_budget(fedpriv, tmp_path):
     run_dir = tmp_path / "run"
-    result = fedpriv("simulate", "--num-clients", "3", "--num-rounds", "3", "--budget-epsilon", "3.2",
-                     "--run-dir", str(run_dir), timeout=420)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_dir / "report.json").read_text())
+    _, report = _simulate(fedpriv, run_dir, "--num-clients", "3", "--num-rounds", "3", "--budget-epsilon", "3.2")
     first, last = report["rounds"][0], report["rounds"][-1]
     assert first["trained"] == ["client-0", "client-1", "client-2"]
     assert last["declined"] == ["client-0", "client-1", "client-2"] and last["trained"] == []
@@ -93,10 +91,7 @@ def test_clients_decline_rounds_beyond_their_budget(fedpriv, tmp_path):
 def test_ray_backend_runs_the_same_federation(fedpriv, tmp_path):
     """Flower's Simulation Engine with Ray actors stays available and accounts the same way."""
     run_dir = tmp_path / "run"
-    result = fedpriv("simulate", "--simulation-backend", "ray", "--num-clients", "3", "--num-rounds", "2",
-                     "--run-dir", str(run_dir), timeout=420)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_dir / "report.json").read_text())
+    _, report = _simulate(fedpriv, run_dir, "--simulation-backend", "ray", "--num-clients", "3", "--num-rounds", "2")
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     privacy = report["privacy"]
     assert len(privacy["clients"]) == 3
