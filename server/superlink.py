@@ -13,6 +13,7 @@ import ipaddress
 import json
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ class SuperLink:
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 60.0) -> None:
-        argv = ["flower-superlink", "--host", self.host, "--port", str(self.port),
+        # Flower's flower-superlink, with a longer SQLite lock wait (see server/superlink_process.py)
+        argv = [sys.executable, "-m", "server.superlink_process", "--host", self.host, "--port", str(self.port),
                 "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
         if self.tls:
             argv += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
