@@ -211,8 +211,10 @@ def _conv_route(module: nn.Module, g: torch.Tensor) -> str:
     With T output positions, I = in-channels x kernel size and O out-channels, explicit
     per-sample gradients are B I O values to write and read back; the ghost norm needs B T^2
     Gram entries plus one ordinary weight-gradient call for the clipped sum. Measured here
-    (1 thread, batch 64-512): ghost wins only when T^2 (I + O) < 8 I O (the 8x8 CNN's second
-    convolution: 1.2-3x faster); otherwise PyTorch's weight-gradient kernel run once with the
+    (batch 128, 1 and 2 threads, each layer of the three CNNs): ghost wins when
+    T^2 (I + O) < 16 I O (the 8x8 CNN's second convolution, ratio 4.9: 2.3-3x faster; MNIST-1D's
+    second, ratio 10.4: 1.3x faster at 2 threads, even at 1; first convolutions, ratio 580 and
+    up: 2-100x slower); otherwise PyTorch's weight-gradient kernel run once with the
     batch stacked into channel groups wins once a sample's unfolded patches exceed
     ``GROUPED_MIN_PATCHES`` values (the 28x28 CNN's second convolution: 1.6-2.5x faster), and
     unfolded patches times output gradients (one bmm) below that.
@@ -220,7 +222,7 @@ def _conv_route(module: nn.Module, g: torch.Tensor) -> str:
     fan_in = module.weight[0].numel()
     fan_out = module.weight.shape[0] // module.groups
     positions = math.prod(g.shape[2:])
-    if module.groups == 1 and positions * positions * (fan_in + fan_out) < 8 * fan_in * fan_out:
+    if module.groups == 1 and positions * positions * (fan_in + fan_out) < 16 * fan_in * fan_out:
         return "ghost"
     if module.groups == 1 and fan_in * positions < GROUPED_MIN_PATCHES:
         return "unfold"

@@ -116,6 +116,30 @@ def test_bookkeeping_empty_poisson_batch_is_a_noise_only_step(family, shape, cla
     assert grad is not None and torch.count_nonzero(grad) == 0  # zero clipped sum (and zero noise here)
 
 
+@pytest.mark.parametrize("secure", [False, True])
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks"])
+def test_noise_has_opacus_scale_sigma_c_over_expected_batch(mode, secure):
+    """A noise-only step: every gradient entry is N(0, (sigma C / B)^2), as Opacus specifies."""
+    from client.secure_noise import make_secure
+
+    sigma, clip, batch = 2.0, 1.5, 16
+    model = nn.Sequential(nn.Linear(400, 100))
+    loader = DataLoader(TensorDataset(torch.zeros(4 * batch, 400), torch.zeros(4 * batch, 100)), batch_size=batch)
+    private = make_private(PrivacyEngine(accountant="rdp"), model=model,
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.MSELoss(),
+                           loader=loader, mode=mode, noise_multiplier=sigma, max_grad_norm=clip,
+                           poisson_sampling=True)
+    if secure:
+        make_secure(private.optimizer, private.loader)
+    private.optimizer.zero_grad()
+    private.criterion(private.model(torch.zeros(0, 400)), torch.zeros(0, 100)).backward()
+    assert private.optimizer.pre_step()
+    noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    private.cleanup()
+    assert noise.numel() == 40_100 and abs(float(noise.mean())) < 5 * sigma * clip / batch / math.sqrt(40_100)
+    assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.03)  # 0.35 % standard error
+
+
 class OddConvs(nn.Module):
     """Convolutions with stride, dilation, groups and no bias, a 3-D linear input, a frozen layer."""
 
