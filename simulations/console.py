@@ -14,7 +14,12 @@ console = Console(stderr=False)
 
 
 class RoundProgress:
-    """One progress bar per round, filling as clients reply; implements ``RoundObserver``."""
+    """One progress bar per round, filling as clients reply; implements ``RoundObserver``.
+
+    The display (and rich's refresh thread) starts with the first round, not on ``__enter__``: the
+    in-process simulation forks its workers before that, and forking a process that runs other
+    threads can leave the child holding locks that no thread will ever release.
+    """
 
     def __init__(self) -> None:
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -23,13 +28,13 @@ class RoundProgress:
         self.tasks: dict[int, int] = {}
 
     def __enter__(self) -> "RoundProgress":
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        self.progress.stop()  # a no-op when no round started
 
     def round_started(self, server_round: int, num_rounds: int, num_clients: int) -> None:
+        self.progress.start()  # a no-op after the first round
         self.tasks[server_round] = self.progress.add_task(f"round {server_round}/{num_rounds}",
                                                           total=num_clients, info="")
 
