@@ -1,104 +1,166 @@
-"""The Flower ClientApp: budget check, DP-SGD round, cumulative accounting, persistent ledger.
+"""The Flower ClientApp: the owner's policy decides, the owner's ledger is charged before release.
 
-The server sends the run's training config with the global weights; everything that belongs
-to one data owner (partition or data file, state folder, budget) comes from the node config.
+The server sends a training config with the global weights. The owner's policy (client/owner_policy.py)
+decides what of it is obeyed, checked or overridden; the owner's ledger (client/ledger.py, one per
+state folder, locked for the round) is checked against the budget before training and charged with
+what really ran before the update leaves. A round the policy does not allow is declined with a
+reason the server's report shows. Everything that belongs to one data owner (data, state folder,
+policy) comes from the node config, never from the server's message.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.owner_policy import OwnerPolicy
 from client.privacy_mods import privacy_mods
 from common import records
 from common.config import RunConfig
+from common.errors import UserInputError
 
 if TYPE_CHECKING:
-    from client.local_data import LocalData
+    from client.ledger import OwnerLedger
 
 # PyTorch, Opacus and SciPy are imported inside train(), not here: Flower's Deployment Runtime starts
 # a fresh ClientApp process for every message, and three of SecAgg+'s four messages per round never
 # reach train() (2.6 s to load this module instead of 13 s or more on 2 cores).
 log = logging.getLogger("fedpriv.client")
-app = ClientApp(mods=[privacy_mods])  # SecAgg+ and central-DP clipping, when a round asks
 
 
-def ledger_path(state_dir: Path, data: LocalData) -> Path:
-    """A data owner's ledger is keyed by its data's fingerprint, so it follows the data across runs."""
-    return state_dir / "ledgers" / f"{data.fingerprint}.json"
+def build_client_app(policy: OwnerPolicy | None = None) -> ClientApp:
+    """A ClientApp enforcing ``policy``, or, when ``None``, the policy in each node's config.
+
+    ``fedpriv simulate`` passes the simulation's own policy (its user owns every simulated data set);
+    the module-level :data:`app` (``fedpriv client``, ``flwr run``) reads the node config, where
+    ``fedpriv client`` puts its owner's policy, and falls back to the default policy, never to the server.
+    """
+    client_app = ClientApp(mods=[privacy_mods])  # SecAgg+ and central-DP clipping, when a round asks
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_for_owner(msg, context, policy or OwnerPolicy.from_node_config(context.node_config))
+
+    return client_app
 
 
-def _state_dir(cfg: RunConfig, context: Context, data: LocalData) -> Path:
+def _state_dir(run_dir: str, context: Context, client_id: str) -> Path:
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"])).expanduser()
-    return Path(cfg.run_dir) / "clients" / data.client_id
+    return Path(run_dir) / "clients" / client_id  # simulation: the run folder keeps each client's ledger
 
 
-def _budget(cfg: RunConfig, context: Context) -> float:
-    """The data owner's own budget wins over the run's; 0 means none."""
-    own = float(context.node_config.get("budget-epsilon", 0.0) or 0.0)
-    return own if own > 0 else cfg.budget_epsilon
+def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy) -> Message:
+    """One round under ``policy``: decline, or train with DP-SGD and charge the ledger before replying."""
+    raw = dict(msg.content[records.CONFIG])
+    server_round = int(raw.get("server-round", 0))
+    run_id = str(raw.get("run-uid", msg.metadata.run_id))
+    privacy = ConfigRecord({"accountant": policy.accountant, "delta": policy.delta})
+    try:
+        asked = RunConfig.from_mapping(raw, ignore_unknown=True).validate()
+    except UserInputError as exc:
+        privacy["client-id"] = str(context.node_config.get("client-name", f"node-{context.node_id}"))
+        return _declined(msg, privacy, f"server sent an invalid training config: {exc}", math.nan)
+
+    from client.ledger import LedgerError, StateDirBusy, locked_ledger
+    from client.local_data import local_data
+
+    data = local_data(asked, dict(context.node_config))
+    privacy.update({"client-id": data.client_id, "fingerprint": data.fingerprint})
+    state_dir = _state_dir(str(raw.get("run-dir", asked.run_dir)), context, data.client_id)
+    try:
+        with locked_ledger(state_dir, data.client_id) as ledger:
+            return _train_locked(msg, context, policy, asked, data, ledger, state_dir, privacy, run_id, server_round)
+    except (StateDirBusy, LedgerError) as exc:  # the ledger is left exactly as it is
+        log.warning("%s declines round %d: %s", data.client_id, server_round, exc)
+        return _declined(msg, privacy, str(exc), math.nan)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round: refuse if over budget, else train with DP-SGD and persist the ledger first."""
+def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: RunConfig, data, ledger: OwnerLedger,
+                  state_dir: Path, privacy: ConfigRecord, run_id: str, server_round: int) -> Message:
     import torch
 
-    from client.dp_training import planned_mechanism, train_round
-    from client.local_data import local_data
+    from client.dp_training import train_round
+    from client.ledger import Decline, Release, now
     from common.models import model_from_config
-    from common.privacy import LedgerEntry, PrivacyLedger
 
-    cfg = RunConfig.from_mapping(dict(msg.content[records.CONFIG]), ignore_unknown=True)
-    server_round = int(msg.content[records.CONFIG].get("server-round", 0))
-    run_id = str(msg.content[records.CONFIG].get("run-uid", msg.metadata.run_id))
+    run = policy.resolve(asked)
+    ledger.policy = asdict(policy)
+    spent = ledger.epsilon(policy.delta, policy.accountant)
+    reason = policy.refusal(asked, len(data.x))
+    if reason is None and run.dp:
+        planned = ledger.epsilon_if(policy.planned(run, len(data.x)), policy.delta, policy.accountant)
+        if policy.over_budget(planned):
+            reason = (f"round {server_round} would raise epsilon to {planned:.3f} > budget "
+                      f"{policy.budget_epsilon:.3f} ({policy.accountant}, delta={policy.delta:g})")
+    if reason is not None:
+        log.warning("%s declines round %d: %s", data.client_id, server_round, reason)
+        ledger.declines.append(Decline(run_id, server_round, now(), reason))
+        ledger.save(state_dir)
+        return _declined(msg, privacy, reason, spent, ledger)
+
     if "partition-id" in context.node_config:  # simulated clients share the machine's cores
-        torch.set_num_threads(max(1, int(cfg.client_cpus)))
-    data = local_data(cfg, dict(context.node_config))
-    path = ledger_path(_state_dir(cfg, context, data), data)
-    ledger = PrivacyLedger.load_or_create(path, data.client_id, cfg.accountant, cfg.delta)
-
-    privacy = ConfigRecord({"client-id": data.client_id, "accountant": cfg.accountant, "fingerprint": data.fingerprint})
-    budget = _budget(cfg, context)
-    if cfg.dp and budget > 0:
-        planned = ledger.epsilon_if(*planned_mechanism(len(data.x), cfg))
-        if planned > budget:
-            reason = f"round {server_round} would raise epsilon to {planned:.3f} > budget {budget:.3f}"
-            log.warning("%s declines to train: %s", data.client_id, reason)
-            privacy["decline-reason"] = reason
-            metrics = MetricRecord({records.NUM_EXAMPLES: 0, records.DECLINED: 1, "epsilon": ledger.epsilon()})
-            return Message(RecordDict({records.METRICS: metrics, records.PRIVACY: privacy}), reply_to=msg)
-
-    model = model_from_config(cfg, data.input_shape, data.num_classes)
+        torch.set_num_threads(max(1, int(run.client_cpus)))
+    model = model_from_config(run, data.input_shape, data.num_classes)
     model.load_state_dict(msg.content[records.ARRAYS].to_torch_state_dict())
-    # Sampling and noise must be unpredictable to the server: seed from the OS' CSPRNG, never from the config.
-    result = train_round(model, data.x, data.y, cfg, ledger.history(), seed=secrets.randbits(63))
+    result = train_round(model, data.x, data.y, run, ledger.history())
+    epsilon = math.inf if result.mechanism is None else ledger.epsilon_if(result.mechanism, policy.delta,
+                                                                         policy.accountant)
+    ledger.releases.append(Release(
+        run_id=run_id, round=server_round, time=now(), noise_multiplier=result.noise_multiplier,
+        sample_rate=result.sample_rate, steps=result.steps, epochs=run.local_epochs, sampling=result.sampling,
+        fingerprint=data.fingerprint, records=len(data.x), epsilon=epsilon, accountant=policy.accountant,
+        delta=policy.delta))
+    ledger.save(state_dir)  # charged before the update leaves this machine
+    if run.dp and policy.over_budget(epsilon):  # cannot happen when the plan held; never release past the budget
+        reason = f"round {server_round} ran to epsilon {epsilon:.3f} > budget {policy.budget_epsilon:.3f}; update withheld"
+        log.error("%s: %s", data.client_id, reason)
+        return _declined(msg, privacy, reason, epsilon, ledger)
 
-    if cfg.dp:
-        ledger.entries.append(LedgerEntry(run_id, server_round, result.noise_multiplier, result.sample_rate,
-                                          result.steps, result.epsilon))
-        ledger.save(path)  # persisted before the update leaves this machine
-    privacy.update({  # the whole ledger, so the server's report can account for every round ever trained
-        "ledger-run": [e.run_id for e in ledger.entries], "ledger-round": [e.round for e in ledger.entries],
-        "ledger-noise": [e.noise_multiplier for e in ledger.entries],
-        "ledger-rate": [e.sample_rate for e in ledger.entries], "ledger-steps": [e.steps for e in ledger.entries],
-    } if ledger.entries else {})
+    noise, rate, steps = result.mechanism or (0.0, result.sample_rate, result.steps)
+    privacy.update(_ledger_columns(ledger))
+    privacy["sampling"] = result.sampling
     metrics = MetricRecord({
         records.NUM_EXAMPLES: result.num_examples,
         records.UNIT_WEIGHT: 1,
         records.DECLINED: 0,
         "train-loss": result.train_loss,
-        "epsilon": result.epsilon,
-        "steps": result.steps,
-        "sample-rate": result.sample_rate,
-        "noise-multiplier": result.noise_multiplier,
+        "epsilon": epsilon,
+        "steps": steps,              # the accountant's entry (for fixed-partition sampling: one per epoch)
+        "sample-rate": rate,
+        "noise-multiplier": noise,
+        "optimizer-steps": result.steps,
     })
     content = RecordDict({records.ARRAYS: ArrayRecord(result.state_dict), records.METRICS: metrics,
                           records.PRIVACY: privacy})
     return Message(content, reply_to=msg)
+
+
+def _ledger_columns(ledger: OwnerLedger) -> dict:
+    """The owner's whole DP history (all runs, interrupted rounds too), so the server's report accounts for it."""
+    releases = [(r, r.mechanism()) for r in ledger.releases if r.mechanism() is not None]
+    if not releases:
+        return {}
+    return {"ledger-run": [r.run_id for r, _ in releases], "ledger-round": [r.round for r, _ in releases],
+            "ledger-noise": [m[0] for _, m in releases], "ledger-rate": [m[1] for _, m in releases],
+            "ledger-steps": [m[2] for _, m in releases]}
+
+
+def _declined(msg: Message, privacy: ConfigRecord, reason: str, epsilon: float,
+              ledger: OwnerLedger | None = None) -> Message:
+    """A reply that carries no update: the reason, and the owner's spend so far (unchanged by this round)."""
+    privacy["decline-reason"] = reason
+    if ledger is not None:
+        privacy.update(_ledger_columns(ledger))
+    metrics = MetricRecord({records.NUM_EXAMPLES: 0, records.DECLINED: 1,
+                            "epsilon": epsilon if not math.isnan(epsilon) else 0.0})
+    return Message(RecordDict({records.METRICS: metrics, records.PRIVACY: privacy}), reply_to=msg)
+
+
+app = build_client_app()

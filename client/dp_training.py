@@ -1,14 +1,16 @@
 """One round of local training with Opacus DP-SGD (or without DP), composing with past rounds.
 
-A fresh ``PrivacyEngine`` wraps a fresh model every round (wrapping twice adds hooks twice), but
-its accountant is first given the client's whole past history, so the epsilon it reports after
-training is the cumulative one over all rounds the client took part in.
+A fresh ``PrivacyEngine`` wraps a fresh model every round (wrapping twice adds hooks twice). The
+round's accounting does not come from Opacus' accountant (which books fixed batches as if they were
+Poisson-sampled) but from ``common.privacy.round_mechanism``, checked against the steps that ran,
+and composed with the owner's whole ledger.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,11 +21,12 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.batch_sampling import fixed_partition_loader
 from client.grad_sample_modes import make_private, resolve
 from client.secure_noise import make_secure
 from common.config import RunConfig
 from common.evaluation import task_loss
-from common.privacy import Mechanism, epsilon_for
+from common.privacy import Mechanism, epsilon_for, round_mechanism
 
 # Opacus (re)configures loggers on import in some setups; keep Flower's at its own level.
 logging.getLogger("flwr").setLevel(logging.INFO)
@@ -45,57 +48,90 @@ class RoundResult:
     sample_rate: float
     noise_multiplier: float
     epsilon: float  # cumulative, math.inf without DP
+    mechanism: Mechanism | None  # the accountant's history entry for this round; None without DP
+    sampling: str  # "poisson", "fixed" or "none" (no DP)
 
 
 def planned_mechanism(num_examples: int, cfg: RunConfig) -> Mechanism:
-    """(noise, sample rate, steps) a round will use, exactly as Opacus' Poisson loader sets them.
+    """The history entry a round of ``cfg`` adds for a client of ``num_examples`` records.
 
-    Opacus' DPDataLoader uses ``sample_rate = 1 / len(loader)`` and as many steps per epoch as
-    batches, so the budget can be checked before any data is touched.
+    Computed before any data is touched, so the budget is checked before training; it is the
+    entry :func:`train_round` then reports for what it ran (``common.privacy.round_mechanism``).
     """
-    batches = math.ceil(num_examples / cfg.batch_size)
-    if cfg.poisson_sampling:
-        batches = int(1 / (1.0 / batches))  # Opacus' Poisson sampler: steps = int(1 / sample_rate)
-    return (cfg.noise_multiplier, 1.0 / batches, cfg.local_epochs * batches)
+    return round_mechanism(cfg.noise_multiplier, num_examples, cfg.batch_size, cfg.local_epochs, cfg.poisson_sampling)
+
+
+@dataclass(frozen=True)
+class RoundRandomness:
+    """Independent random streams of one round: batch sampling and DP noise.
+
+    The two must be independent: if the noise were drawn from the stream that chose the batches
+    (as one shared seed makes it), the released noisy gradient would tell which records were
+    sampled, and the amplification by sampling the accountant assumes would not hold. Each seed
+    is drawn separately from the OS' CSPRNG, never from the server's config.
+    """
+
+    sampler: torch.Generator
+    noise: torch.Generator
+
+    @classmethod
+    def from_os(cls) -> "RoundRandomness":
+        """Two seeds drawn separately from the OS' CSPRNG: what every real round uses."""
+        return cls(torch.Generator().manual_seed(secrets.randbits(63)),
+                   torch.Generator().manual_seed(secrets.randbits(63)))
+
+    @classmethod
+    def seeded(cls, seed: int) -> "RoundRandomness":
+        """Reproducible streams for tests and benchmarks: two independent children of one seed
+        (NumPy's ``SeedSequence.spawn``), never the same seed for both."""
+        sampler, noise = (int(c.generate_state(1, np.uint64)[0] >> np.uint64(1))
+                          for c in np.random.SeedSequence(seed).spawn(2))
+        return cls(torch.Generator().manual_seed(sampler), torch.Generator().manual_seed(noise))
 
 
 def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunConfig,
-                prior_history: list[Mechanism], seed: int) -> RoundResult:
-    """Train ``model`` in place on local data for ``cfg.local_epochs`` epochs."""
-    torch.manual_seed(seed)
+                prior_history: list[Mechanism], rng: RoundRandomness | None = None) -> RoundResult:
+    """Train ``model`` in place on local data for ``cfg.local_epochs`` epochs.
+
+    ``cfg`` is the config this owner really runs (the owner's policy already applied). The result's
+    ``mechanism`` is the accountant's history entry for what ran, and ``epsilon`` the cumulative
+    epsilon of ``prior_history`` plus that entry (``cfg.delta``, ``cfg.accountant``).
+    """
+    rng = rng or RoundRandomness.from_os()
     targets = torch.from_numpy(x) if cfg.model == "autoencoder" else torch.from_numpy(y)  # AE reconstructs
     dataset = TensorDataset(torch.from_numpy(x), targets)
     criterion = task_loss(cfg.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
     global_params = [p.detach().clone() for p in model.parameters()] if cfg.strategy == "fedprox" else None
-    generator = torch.Generator().manual_seed(seed)
 
     engine = None
     if cfg.dp:
         model.train()  # Opacus refuses to wrap a model in eval mode
         # Opacus' own secure mode needs torchcsprng (no build for current torch); see client/secure_noise.py.
-        engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=False)
-        engine.accountant.history = list(prior_history)
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)  # its accountant is not used: see mechanism
+        if cfg.poisson_sampling:
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=rng.sampler)
+        else:
+            loader = fixed_partition_loader(dataset, cfg.batch_size, None if cfg.secure_mode else rng.sampler)
         private = make_private(
-            engine, model=model, optimizer=optimizer, criterion=criterion,
-            loader=DataLoader(dataset, batch_size=cfg.batch_size, generator=generator),
+            engine, model=model, optimizer=optimizer, criterion=criterion, loader=loader,
             mode=resolve(cfg.grad_sample_mode, cfg.model, model), noise_multiplier=cfg.noise_multiplier,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=cfg.poisson_sampling,
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=cfg.poisson_sampling, noise_generator=rng.noise,
         )
         train_model, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
         if cfg.secure_mode:
             make_secure(optimizer, loader)  # CSPRNG noise and Poisson sampling
-        steps_before = sum(s for _, _, s in engine.accountant.history)
     else:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=rng.sampler)
         train_model = model
 
     train_model.train()
-    total_loss, seen = 0.0, 0
+    total_loss, seen, steps = 0.0, 0, 0
     for _ in range(cfg.local_epochs):
         for xb, yb in loader:
             # Poisson sampling can draw an empty batch; Opacus turns it into a noise-only step.
             loss = train_step(train_model, optimizer, criterion, xb, yb)
+            steps += 1
             if global_params is not None:
                 _proximal_step(model, global_params, cfg.learning_rate * cfg.proximal_mu)
             if len(xb):  # the mean loss of an empty batch is NaN
@@ -105,15 +141,19 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
         private.cleanup()
 
     if engine is None:
-        steps, rate, noise, epsilon = cfg.local_epochs * len(loader), 1.0, 0.0, math.inf
+        rate, noise, mechanism, epsilon = 1.0, 0.0, None, math.inf
     else:
-        steps = sum(s for _, _, s in engine.accountant.history) - steps_before
-        rate, noise = engine.accountant.history[-1][1], cfg.noise_multiplier
-        epsilon = epsilon_for(engine.accountant.history, cfg.delta, cfg.accountant)
+        rate, noise = 1.0 / len(loader), cfg.noise_multiplier
+        mechanism = planned_mechanism(len(dataset), cfg)
+        ran = (noise, rate, steps) if cfg.poisson_sampling else (noise, 1.0, cfg.local_epochs)
+        if ran != mechanism:  # the plan the budget was checked with must be what ran
+            raise RuntimeError(f"DP-SGD ran {ran}, but the round was planned as {mechanism}")
+        epsilon = epsilon_for(list(prior_history) + [mechanism], cfg.delta, cfg.accountant)
     return RoundResult(
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
         num_examples=len(dataset), train_loss=total_loss / max(seen, 1), steps=steps,
-        sample_rate=rate, noise_multiplier=noise, epsilon=epsilon,
+        sample_rate=rate, noise_multiplier=noise, epsilon=epsilon, mechanism=mechanism,
+        sampling="none" if engine is None else ("poisson" if cfg.poisson_sampling else "fixed"),
     )
 
 

@@ -121,12 +121,13 @@ class PrivateTraining:
 
 def make_private(engine: PrivacyEngine, *, model: nn.Module, optimizer: Optimizer, criterion: nn.Module,
                  loader: DataLoader, mode: str, noise_multiplier: float, max_grad_norm: float,
-                 poisson_sampling: bool) -> PrivateTraining:
+                 poisson_sampling: bool, noise_generator: torch.Generator | None = None) -> PrivateTraining:
     """Opacus' ``make_private`` for a concrete ``mode``, including the book-keeping one.
 
     For ``bookkeeping`` Opacus still builds the Poisson loader, the noise-adding
     ``DPOptimizerFastGradientClipping`` (it expects ``p.grad`` to hold the clipped sum) and the
     accountant hook, through ghost mode; only Opacus' two-pass hooks are swapped for ours.
+    ``noise_generator`` is the noise's own stream (Opacus falls back to PyTorch's global one).
     """
     opacus_mode = "ghost" if mode == "bookkeeping" else mode
     if mode == "ghost":
@@ -135,7 +136,7 @@ def make_private(engine: PrivacyEngine, *, model: nn.Module, optimizer: Optimize
         module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling, grad_sample_mode=opacus_mode,
-        wrap_model=mode != "bookkeeping",
+        wrap_model=mode != "bookkeeping", noise_generator=noise_generator,
     )
     if mode == "bookkeeping":
         opacus_hooks, dp_optimizer, _, dp_loader = wrapped

@@ -5,18 +5,19 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from common.config import RunConfig
-from common.datasets import load_dataset
+from common.datasets import load_dataset, npz_records
 from common.partitioning import partition
 from common.privacy import data_fingerprint
 
 
 @dataclass(frozen=True)
 class LocalData:
-    """A client's training records, its display id and the fingerprint that keys its ledger."""
+    """A client's training records, its display id and their fingerprint (recorded with each release)."""
 
     client_id: str
     x: np.ndarray
@@ -33,6 +34,12 @@ def local_data(cfg: RunConfig, node_config: dict) -> LocalData:
     else:
         spec, pid, parts = cfg.dataset, int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", cfg.num_clients))
     name = str(node_config.get("client-name", "")) or None
+    if pid is None:  # the owner's file may change between rounds: a changed file is a new cache entry
+        try:
+            stat = Path(spec[4:]).expanduser().stat()
+            spec = f"{spec}\0{stat.st_mtime_ns}\0{stat.st_size}"
+        except OSError:
+            pass  # npz_records raises the one-line error
     return _cached(spec, cfg.seed, cfg.test_fraction, cfg.mnist1d_samples, cfg.partitioning,
                    cfg.dirichlet_alpha, cfg.classes_per_client, pid, parts, name)
 
@@ -57,14 +64,13 @@ def _partition_of(data, parts: int, method: str, seed: int, alpha: float, per_cl
 
 @lru_cache(maxsize=8)
 def _cached(spec, seed, test_fraction, mnist1d_samples, method, alpha, per_client, pid, parts, name) -> LocalData:
+    if pid is None:  # a data owner's own file: every record in it, in its own order (no server seed involved)
+        x, y, num_classes = npz_records(Path(spec[4:].split("\0")[0]))
+        x, y = np.ascontiguousarray(x), (None if y is None else np.ascontiguousarray(y))
+        fingerprint = data_fingerprint(x, y)
+        return LocalData(name or f"owner-{fingerprint[:8]}", x, y, tuple(x.shape[1:]), num_classes, fingerprint)
     data = load_dataset(spec, seed=seed, test_fraction=test_fraction, mnist1d_samples=mnist1d_samples)
-    if pid is None:  # a data owner's own file: every record in it is theirs to train on
-        x = np.concatenate([data.x_train, data.x_test])
-        y = None if data.y_train is None else np.concatenate([data.y_train, data.y_test])
-    else:
-        idx = _partition_of(data, parts, method, seed, alpha, per_client)[pid]
-        x, y = data.x_train[idx], (None if data.y_train is None else data.y_train[idx])
-    x, y = np.ascontiguousarray(x), (None if y is None else np.ascontiguousarray(y))
-    fingerprint = data_fingerprint(x, y)
-    client_id = name or (f"client-{pid}" if pid is not None else f"owner-{fingerprint[:8]}")
-    return LocalData(client_id, x, y, data.input_shape, data.num_classes, fingerprint)
+    idx = _partition_of(data, parts, method, seed, alpha, per_client)[pid]
+    x = np.ascontiguousarray(data.x_train[idx])
+    y = None if data.y_train is None else np.ascontiguousarray(data.y_train[idx])
+    return LocalData(name or f"client-{pid}", x, y, data.input_shape, data.num_classes, data_fingerprint(x, y))

@@ -1,7 +1,8 @@
 """``fedpriv client``: one data owner's Flower SuperNode, checked before it connects.
 
 Everything that belongs to the data owner travels as Flower node config: where its data is,
-its state folder (privacy ledger), its budget and its display name. The checks here turn the
+its state folder (privacy ledger), its privacy policy and its display name. The server never
+sees or sets these; the ClientApp enforces the policy on every round (client/app.py). The checks here turn the
 usual mistakes (a missing key, a bad data file, a corrupted ledger, an unreachable server) into
 one line before any process starts.
 """
@@ -19,10 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from common.errors import UserInputError
-from common.privacy import PrivacyLedger
+from client.ledger import load_ledger
+from client.owner_policy import OwnerPolicy
 from simulations.processes import descendants, die_with_parent, venv_env
 
 
@@ -33,7 +34,7 @@ class ClientSpec:
     server: str                 # HOST:PORT of the SuperLink
     data: str                   # npz:PATH, or partition:I/N of the run's dataset
     state_dir: Path
-    budget_epsilon: float
+    policy: OwnerPolicy
     name: str
     ca_cert: Path | None        # None with --insecure
     private_key: Path | None    # None with --insecure
@@ -49,9 +50,8 @@ def parse_server(server: str) -> tuple[str, int]:
 
 def node_config(spec: ClientSpec) -> str:
     """Flower's ``--node-config`` string (TOML values)."""
-    items: dict[str, object] = {"state-dir": str(spec.state_dir.resolve()), "client-name": spec.name}
-    if spec.budget_epsilon > 0:
-        items["budget-epsilon"] = float(spec.budget_epsilon)
+    items: dict[str, object] = {"state-dir": str(spec.state_dir.resolve()), "client-name": spec.name,
+                                **spec.policy.to_node_config()}
     if spec.data.startswith("partition:"):
         index, total = _partition(spec.data)
         items.update({"partition-id": index, "num-partitions": total})
@@ -74,17 +74,18 @@ def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
     """Fail fast, with one line, on anything that would make the SuperNode useless."""
     from common.certificates import check_key_pair, load_certificate, load_openssh_private_key
 
+    spec.policy.validate()
     if spec.data.startswith("npz:"):
         path = Path(spec.data[4:]).expanduser()
-        from common.datasets import load_dataset
+        from common.budget_planning import check_delta
+        from common.datasets import npz_records
 
-        load_dataset(f"npz:{path}")  # raises a clear error for a missing or malformed file
+        x, _, _ = npz_records(path)  # raises a clear error for a missing or malformed file
+        check_delta(spec.policy.delta, len(x))
     elif spec.data.startswith("partition:"):
         _partition(spec.data)
     else:
         raise UserInputError(f"--data '{spec.data}' must be npz:PATH or partition:I/N")
-    if spec.budget_epsilon < 0 or np.isnan(spec.budget_epsilon):
-        raise UserInputError(f"--budget-epsilon must be >= 0 (got {spec.budget_epsilon})")
     _check_state_dir(spec.state_dir)
     if spec.private_key is not None:
         load_openssh_private_key(spec.private_key)
@@ -104,14 +105,13 @@ def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
 
 def _check_state_dir(state_dir: Path) -> None:
     try:
-        (state_dir / "ledgers").mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
         probe = state_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise UserInputError(f"--state-dir {state_dir} is not writable ({exc.strerror}); choose another folder") from None
-    for ledger in sorted((state_dir / "ledgers").glob("*.json")):
-        PrivacyLedger.load(ledger)  # a corrupted ledger stops the client here, untouched
+    load_ledger(state_dir)  # a corrupted or foreign ledger (new or old layout) stops the client here, untouched
 
 
 def supernode_argv(spec: ClientSpec) -> list[str]:

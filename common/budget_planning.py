@@ -1,7 +1,7 @@
 """Privacy budget planning: the noise multiplier a target epsilon needs, and the epsilon a noise gives.
 
-Both directions use exactly the code training uses: ``planned_mechanism`` for the (noise, sample
-rate, steps) of one local round as Opacus' loader sets them, and ``epsilon_for`` for the
+Both directions use exactly the code training uses: ``common.privacy.round_mechanism`` for the
+(noise, sample rate, steps) of one local round as the client's loader runs it, and ``epsilon_for`` for the
 composition over rounds, one ledger entry per round. So a planned epsilon is the epsilon a client
 that trains in every round reports at the end, not an estimate of it.
 """
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from client.dp_training import planned_mechanism
-from common.config import RunConfig
 from common.errors import UserInputError
 from common.privacy import Mechanism, check_accountant, epsilon_for
+from common.privacy import round_mechanism as privacy_round_mechanism
 
 # Search range for the noise multiplier. Below MIN_NOISE DP-SGD's epsilon is in the hundreds and
 # PRV's numerics take minutes or give up; above MAX_NOISE nothing useful is learnt, and the
@@ -46,9 +45,7 @@ class BudgetPlan:
 def round_mechanism(noise: float, local_epochs: int, batch_size: int, dataset_size: int,
                     poisson_sampling: bool = True) -> Mechanism:
     """(noise, rate, steps) of one local round of a client holding ``dataset_size`` records."""
-    cfg = RunConfig(noise_multiplier=noise, local_epochs=local_epochs, batch_size=batch_size,
-                    poisson_sampling=poisson_sampling)
-    return planned_mechanism(dataset_size, cfg)
+    return privacy_round_mechanism(noise, dataset_size, batch_size, local_epochs, poisson_sampling)
 
 
 def epsilon_for_plan(noise: float, delta: float, rounds: int, local_epochs: int, batch_size: int,

@@ -143,6 +143,17 @@ def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _npz(path: Path, seed: int, test_fraction: float) -> Dataset:
     """A user's ``.npz`` with ``x`` (n, ...) and optional ``y`` (n,) integer labels."""
+    x, y, num_classes = npz_records(path)
+    return _split(x, y, seed, test_fraction, f"npz:{path}", num_classes)
+
+
+def npz_records(path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Every record of a user's ``.npz`` in the file's own order: (x with a channel axis, y, classes).
+
+    A data owner trains on all of its records; nothing a server sends (a seed, a split) changes
+    which records they are or their order, so their fingerprint is the file's own.
+    """
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserInputError(f"--dataset npz:{path}: file not found; give the path of an .npz file with arrays x and y")
     try:
@@ -178,4 +189,4 @@ def _npz(path: Path, seed: int, test_fraction: float) -> Dataset:
         num_classes = int(y.max()) + 1
         if num_classes < 2:
             raise UserInputError(f"--dataset npz:{path}: 'y' has a single class; classification needs at least two")
-    return _split(x, y, seed, test_fraction, f"npz:{path}", num_classes)
+    return x, y, num_classes

@@ -5,20 +5,19 @@ Three accountants, by ``--accountant``: ``rdp`` (Opacus' RDP, a provable upper b
 ``gdp`` (Gaussian DP via the central limit theorem, composed over heterogeneous histories here;
 an approximation that *underestimates* epsilon for few steps or little noise, see ``_gdp_mu``).
 
-The ledger is the persistent form of an accountant's history: one entry per round a client
-trained in, with the mechanism's parameters and steps. Epsilon is always recomputed from the
-whole history, so it composes over every local step of every round, across runs and restarts.
+A data owner's ledger (client/ledger.py) is the persistent form of an accountant's history: one
+entry per round it released an update for, with the mechanism's parameters and steps. Epsilon is
+always recomputed from the whole history, so it composes over every local step of every round,
+across runs and restarts. :func:`round_mechanism` says which history entry one round adds, for
+both batch-sampling schemes the clients run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -28,12 +27,30 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy import optimize
 from scipy.stats import norm
 
-from common.atomic_io import read_json, write_json
-from common.config import ACCOUNTANTS
+from common.config import ACCOUNTANTS, DECISION_ACCOUNTANTS  # noqa: F401 - re-exported
 from common.errors import UserInputError
 
-LEDGER_VERSION = 1
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' history format
+
+
+def round_mechanism(noise_multiplier: float, num_examples: int, batch_size: int, local_epochs: int,
+                    poisson_sampling: bool) -> Mechanism:
+    """The history entry one local round adds, for the batch sampling the client really runs.
+
+    * Poisson sampling (Opacus' ``DPDataLoader``): ``sample_rate = 1 / ceil(n / batch)`` and
+      ``int(1 / sample_rate)`` steps per epoch; every step is a Poisson-subsampled Gaussian.
+    * Fixed partition (``poisson_sampling=False``, client/batch_sampling.py): every record falls in
+      exactly one batch per epoch, assigned independently of the other records, so adding or
+      removing a record changes one step per epoch and no other. Without claiming amplification
+      by shuffling, one epoch is one Gaussian mechanism of noise ``sigma`` on that record:
+      ``(sigma, 1.0, local_epochs)``. Accounting it as Poisson (what Opacus does) would claim
+      amplification that fixed batches do not have.
+    """
+    batches = math.ceil(num_examples / batch_size)
+    if not poisson_sampling:
+        return (noise_multiplier, 1.0, local_epochs)
+    batches = int(1 / (1.0 / batches))  # Opacus' Poisson sampler: steps = int(1 / sample_rate)
+    return (noise_multiplier, 1.0 / batches, local_epochs * batches)
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -160,94 +177,6 @@ class ComposedGdpAccountant(IAccountant):
 
 
 register_accountant("gdp", ComposedGdpAccountant, force=True)
-
-
-@dataclass
-class LedgerEntry:
-    """One round of local training: what was released and under which mechanism."""
-
-    run_id: str
-    round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epsilon: float  # cumulative epsilon after this entry
-
-    def mechanism(self) -> Mechanism:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-
-@dataclass
-class PrivacyLedger:
-    """A client's privacy history, stored atomically as JSON in its state folder."""
-
-    client_id: str
-    accountant: str
-    delta: float
-    entries: list[LedgerEntry] = field(default_factory=list)
-
-    def history(self) -> list[Mechanism]:
-        return [e.mechanism() for e in self.entries]
-
-    def epsilon(self) -> float:
-        return epsilon_for(self.history(), self.delta, self.accountant)
-
-    def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """The cumulative epsilon after one more round with these parameters."""
-        return epsilon_for(self.history() + [(noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
-
-    def has_round(self, run_id: str, server_round: int) -> bool:
-        return any(e.run_id == run_id and e.round == server_round for e in self.entries)
-
-    def to_dict(self) -> dict:
-        return {
-            "version": LEDGER_VERSION,
-            "client_id": self.client_id,
-            "accountant": self.accountant,
-            "delta": self.delta,
-            "entries": [asdict(e) for e in self.entries],
-        }
-
-    def save(self, path: Path) -> None:
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load_or_create(cls, path: Path, client_id: str, accountant: str, delta: float) -> "PrivacyLedger":
-        """Load a ledger; a new one if absent. A damaged or mismatching ledger is an error, never reset."""
-        if not path.exists():
-            return cls(client_id=client_id, accountant=accountant, delta=delta)
-        ledger = cls.load(path)
-        if ledger.accountant != accountant or not math.isclose(ledger.delta, delta):
-            raise UserInputError(
-                f"privacy ledger {path} was kept with accountant={ledger.accountant}, delta={ledger.delta}; "
-                f"this run asks for accountant={accountant}, delta={delta}: use the ledger's settings"
-            )
-        return ledger
-
-    @classmethod
-    def load(cls, path: Path) -> "PrivacyLedger":
-        """Read a stored ledger as it is; a damaged one is a one-line error, never reset."""
-        try:
-            data = read_json(path)
-            entries = [_checked_entry(e) for e in data["entries"]]
-            ledger = cls(client_id=str(data["client_id"]), accountant=str(data["accountant"]),
-                         delta=float(data["delta"]), entries=entries)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise UserInputError(
-                f"privacy ledger {path} is corrupted ({exc.__class__.__name__}); restore it from backup — "
-                "it is never reset automatically, since that would forget spent privacy"
-            ) from None
-        return ledger
-
-
-def _checked_entry(raw: dict) -> LedgerEntry:
-    """A ledger entry with every field of the right type and range (else ValueError)."""
-    entry = LedgerEntry(run_id=str(raw["run_id"]), round=int(raw["round"]),
-                        noise_multiplier=float(raw["noise_multiplier"]), sample_rate=float(raw["sample_rate"]),
-                        steps=int(raw["steps"]), epsilon=float(raw["epsilon"]))
-    if entry.steps < 0 or not 0 < entry.sample_rate <= 1 or not entry.noise_multiplier > 0:
-        raise ValueError(f"entry out of range: {raw}")
-    return entry
 
 
 def data_fingerprint(*arrays) -> str:

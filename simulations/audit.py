@@ -90,12 +90,16 @@ def load_run(run_dir: Path) -> AuditInputs:
 
 
 def _check_ledger_matches(run_dir: Path, client_id: str, x: np.ndarray, y: np.ndarray | None) -> None:
-    """A DP client's ledger is named by its data's fingerprint: a rebuilt partition must match it.
+    """A DP client's ledger records its data's fingerprint with every release: a rebuilt partition must match.
 
     Catches a dataset file changed after the run, which would silently audit the wrong records.
     """
-    folder = run_dir / "clients" / client_id / "ledgers"
-    names = {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+    from client.ledger import LEDGER_FILE, load_ledger
+
+    state_dir = run_dir / "clients" / client_id
+    if not (state_dir / LEDGER_FILE).is_file():
+        return
+    names = {r.fingerprint for r in load_ledger(state_dir).releases}
     if names and data_fingerprint(np.ascontiguousarray(x), None if y is None else np.ascontiguousarray(y)) not in names:
         raise UserInputError(f"{run_dir}: the data rebuilt from config.json for {client_id} is not the data its privacy "
                              "ledger was kept for; was the dataset file changed after the run?")
@@ -265,5 +269,55 @@ def notes(result: dict) -> list[str]:
     if not any(a["name"] == "class-calibrated" for a in result["attacks"]):
         lines.append("no labels (autoencoder): only the reconstruction-loss attack runs")
     lines += [result["meaning"], result["caveat"]]
+    return lines
+
+
+# ------------------------------------------------- fedpriv audit --mechanism (client/mechanism_audit.py)
+def mechanism_table(audits: list):  # list[client.mechanism_audit.MechanismAudit]
+    """A rich table: one row per grad-sample mode audited, bound beside the theory."""
+    from rich.table import Table
+
+    first = audits[0]
+    table = Table(title=f"DP-SGD mechanism audit: one step, Dirac canary, q={first.sample_rate:g}, "
+                        f"C={first.max_grad_norm:g}, δ={first.delta:g}"
+                        + (", secure noise" if first.secure_mode else ""))
+    for name in ("mode", "σ", "steps", "held-out TPR / FPR", "ε ≥", "ε̂", "theory ε",
+                 f"{first.accountant} ε", "σ measured", "result"):
+        table.add_column(name, justify="left" if name in ("mode", "result") else "right")
+    for a in audits:
+        ev = a.attack.evaluation
+        sigma = f"{a.noise_multiplier:g}" + ("" if a.noise_scale == 1 else f" ×{a.noise_scale:g}")
+        table.add_row(a.mode, sigma, f"2×{a.trials}", f"{ev.tpr:.3f} / {ev.fpr:.4f}", f"{a.epsilon_lower_bound:.2f}",
+                      "∞" if math.isinf(a.epsilon_estimate) else f"{a.epsilon_estimate:.2f}",
+                      f"{a.theoretical_epsilon:.2f}", f"{a.accounted_epsilon:.2f}",
+                      f"{a.noise_std:.3f} ± {a.noise_std_error:.3f}", "ok" if a.passed else "[bold red]FAIL[/]")
+    return table
+
+
+def mechanism_notes(audits: list) -> list[str]:
+    """Lines printed under the mechanism table: what the columns mean, and each failure in words."""
+    first = audits[0]
+    ev = first.attack.evaluation
+    lines = [f"each row: {first.trials} real private steps with the canary and {first.trials} without "
+             "(make_private + train_step, weights reset each step); the threshold is chosen on half of each, "
+             f"ε ≥ is measured on the other {ev.members}+{ev.nonmembers} (Clopper-Pearson 95 % on TPR and on FPR, "
+             f"90 % together; these trials cannot show more than {first.ceiling:.2f}); ε̂ is the same test without "
+             "confidence bounds",
+             "theory ε: tight ε of one step at the claimed σ (dp_accounting PLD); "
+             f"{first.accountant} ε: what the project's accountant books for it; σ measured: std of the released "
+             "update without the canary, in units of C (should be the claimed σ)"]
+    if any(a.noise_scale != 1 for a in audits):
+        lines.append(f"--noise-scale {first.noise_scale:g}: the noise actually added was deliberately scaled "
+                     "(a self-test: below 1 the audit should fail)")
+    for a in audits:
+        if a.violated:
+            lines.append(f"{a.mode}: ε ≥ {a.epsilon_lower_bound:.2f} exceeds the theoretical {a.theoretical_epsilon:.2f}: "
+                         f"this step leaks more than σ={a.noise_multiplier:g} allows; noise or clipping is broken")
+        if a.noise_short:
+            lines.append(f"{a.mode}: the measured noise std {a.noise_std:.3f} ± {a.noise_std_error:.3f} is below the "
+                         f"claimed σ={a.noise_multiplier:g}")
+    if all(a.passed for a in audits):
+        lines.append("every mode is consistent with the claimed noise (a lower bound: this cannot prove privacy, "
+                     "it catches a step that adds less noise or clips less than claimed)")
     return lines
 

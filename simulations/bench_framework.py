@@ -215,7 +215,6 @@ def _child_loop(spec: dict[str, Any]) -> dict[str, Any]:
     """The same local training as the simulation (same clients, rounds, config), in one plain loop."""
     marks = {"main": time.time()}
     import random
-    import secrets
 
     import torch
 
@@ -242,9 +241,9 @@ def _child_loop(spec: dict[str, Any]) -> dict[str, Any]:
             model = model_from_config(cfg, ref.input_shape, ref.num_classes)
             model.load_state_dict(global_model.state_dict())
             start = time.perf_counter()
-            result = train_round(model, clients[i].x, clients[i].y, cfg, histories[i], seed=secrets.randbits(63))
+            result = train_round(model, clients[i].x, clients[i].y, cfg, histories[i])
             compute += time.perf_counter() - start
-            histories[i].append((result.noise_multiplier, result.sample_rate, result.steps))
+            histories[i].append(result.mechanism)
             states.append(result.state_dict)
         with torch.no_grad():  # FedAvg with unit weights, as the project's replies ask for
             global_model.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)

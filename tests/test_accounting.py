@@ -7,7 +7,6 @@ Opacus itself, so a wrong composition, a wrong sample rate or a lost round shows
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from functools import lru_cache
@@ -24,13 +23,12 @@ from opacus.accountants import PRVAccountant as OpacusPRV
 from opacus.accountants import RDPAccountant as OpacusRDP
 from opacus.accountants.analysis import gdp as opacus_gdp
 
-from client.dp_training import planned_mechanism, train_round
+from client.dp_training import RoundRandomness, planned_mechanism, train_round
 from common.config import RunConfig
 from common.datasets import load_dataset
 from common.errors import UserInputError
 from common.models import model_from_config
-from common.privacy import (RDP_ORDERS, ComposedGdpAccountant, LedgerEntry, PrivacyLedger, data_fingerprint,
-                            epsilon_for, make_accountant)
+from common.privacy import RDP_ORDERS, ComposedGdpAccountant, data_fingerprint, epsilon_for, make_accountant
 
 DELTA = 1e-5
 
@@ -287,7 +285,7 @@ def _rounds(client_data, accountant: str, noises: list[float]):
         cfg = RunConfig(model="cnn", local_epochs=1, batch_size=10, noise_multiplier=noise,
                         accountant=accountant, delta=DELTA, learning_rate=0.05).validate()
         model = model_from_config(cfg, data.input_shape, data.num_classes, seed=0)
-        result = train_round(model, x, y, cfg, list(history), seed=100 + r)
+        result = train_round(model, x, y, cfg, list(history), rng=RoundRandomness.seeded(100 + r))
         assert result.steps == planned_mechanism(len(x), cfg)[2]
         assert (result.noise_multiplier, result.sample_rate) == pytest.approx(planned_mechanism(len(x), cfg)[:2])
         history.append((result.noise_multiplier, result.sample_rate, result.steps))
@@ -330,97 +328,23 @@ def test_rounds_with_different_noise_compose(client_data):
     assert epsilons[-1] == pytest.approx(reference_rdp(history), rel=0.01)
 
 
-def test_ledger_recomputes_what_train_round_reported(client_data, tmp_path):
-    """The ClientApp's flow: ledger history in, entry appended, saved, reloaded: same epsilon."""
-    x, y, data = client_data
-    path = tmp_path / "ledger.json"
-    cfg = RunConfig(model="cnn", local_epochs=1, batch_size=10, noise_multiplier=1.0).validate()
-    for r in range(1, 3):
-        ledger = PrivacyLedger.load_or_create(path, "c0", cfg.accountant, cfg.delta)
-        planned = ledger.epsilon_if(*planned_mechanism(len(x), cfg))
-        result = train_round(model_from_config(cfg, data.input_shape, 10, seed=0), x, y, cfg, ledger.history(), seed=r)
-        assert result.epsilon == pytest.approx(planned, rel=1e-9), "the budget check predicted the round exactly"
-        ledger.entries.append(LedgerEntry("run", r, result.noise_multiplier, result.sample_rate, result.steps,
-                                          result.epsilon))
-        ledger.save(path)
-    reloaded = PrivacyLedger.load_or_create(path, "c0", cfg.accountant, cfg.delta)
-    assert len(reloaded.entries) == 2
-    assert reloaded.epsilon() == pytest.approx(result.epsilon, rel=1e-9)
-
-
 # Opacus' Poisson sampler takes int(1/(1/batches)) steps at rate 1/len(loader): 92 steps at 1/92 for 93 batches.
 def test_planned_mechanism_matches_opacus_for_every_batch_count(client_data):
     x, y, data = client_data
     cfg = RunConfig(model="autoencoder", local_epochs=1, batch_size=1, noise_multiplier=1.0).validate()
     x93 = np.ascontiguousarray(data.x_train[:93])
-    result = train_round(model_from_config(cfg, data.input_shape, 10, seed=0), x93, None, cfg, [], seed=0)
+    result = train_round(model_from_config(cfg, data.input_shape, 10, seed=0), x93, None, cfg, [], rng=RoundRandomness.seeded(0))
     assert (result.noise_multiplier, result.sample_rate, result.steps) == planned_mechanism(93, cfg)
+    assert result.mechanism == planned_mechanism(93, cfg)
 
 
 def test_non_private_round_reports_infinite_epsilon(client_data):
     x, y, data = client_data
     cfg = RunConfig(model="cnn", dp=False, noise_multiplier=0.0, local_epochs=1, batch_size=10).validate()
-    result = train_round(model_from_config(cfg, data.input_shape, 10, seed=0), x, y, cfg, [], seed=0)
+    result = train_round(model_from_config(cfg, data.input_shape, 10, seed=0), x, y, cfg, [], rng=RoundRandomness.seeded(0))
     assert math.isinf(result.epsilon) and result.epsilon > 0
     assert result.epsilon != 0
     assert result.steps == 10 and result.noise_multiplier == 0.0
-
-
-# ------------------------------------------------------------------------------------ ledger
-def _ledger() -> PrivacyLedger:
-    ledger = PrivacyLedger(client_id="client-3", accountant="rdp", delta=DELTA)
-    ledger.entries.append(LedgerEntry("run-a", 1, 1.0, 0.1, 20, epsilon_for([(1.0, 0.1, 20)], DELTA, "rdp")))
-    ledger.entries.append(LedgerEntry("run-a", 2, 1.5, 0.05, 40, epsilon_for([(1.0, 0.1, 20), (1.5, 0.05, 40)],
-                                                                             DELTA, "rdp")))
-    return ledger
-
-
-def test_ledger_round_trip(tmp_path):
-    path = tmp_path / "state" / "ledgers" / "abc.json"
-    original = _ledger()
-    original.save(path)
-    loaded = PrivacyLedger.load_or_create(path, "client-3", "rdp", DELTA)
-    assert loaded == original
-    assert loaded.history() == [(1.0, 0.1, 20), (1.5, 0.05, 40)]
-    assert loaded.epsilon() == pytest.approx(loaded.entries[-1].epsilon, rel=1e-12)
-    assert loaded.has_round("run-a", 2) and not loaded.has_round("run-b", 2) and not loaded.has_round("run-a", 3)
-    assert loaded.epsilon_if(1.0, 0.1, 10) == pytest.approx(
-        epsilon_for(loaded.history() + [(1.0, 0.1, 10)], DELTA, "rdp"), rel=1e-12)
-    assert loaded.epsilon_if(1.0, 0.1, 10) > loaded.epsilon()
-    assert json.loads(path.read_text())["version"] == 1
-    assert not [p for p in path.parent.iterdir() if p.name != path.name], "no temp files left behind"
-
-
-def test_missing_ledger_is_a_new_empty_one(tmp_path):
-    ledger = PrivacyLedger.load_or_create(tmp_path / "none.json", "c", "prv", 1e-6)
-    assert ledger.entries == [] and ledger.epsilon() == 0.0
-    assert (ledger.accountant, ledger.delta) == ("prv", 1e-6)
-    assert not (tmp_path / "none.json").exists()
-
-
-@pytest.mark.parametrize("content", [
-    b"\x00\xff\xfe garbage \x89PNG",
-    b"{\"client_id\": \"c\", \"accountant\": \"rdp\", ",  # torn write
-    b"[]",
-    b"{\"client_id\": \"c\", \"accountant\": \"rdp\", \"delta\": 1e-5}",  # no entries
-    b"{\"client_id\": \"c\", \"accountant\": \"rdp\", \"delta\": 1e-5, \"entries\": [{\"round\": 1}]}",
-], ids=["binary", "truncated", "list", "no-entries", "bad-entry"])
-def test_corrupted_ledger_is_an_error_and_left_alone(tmp_path, content):
-    path = tmp_path / "ledger.json"
-    path.write_bytes(content)
-    with pytest.raises(UserInputError, match="corrupted"):
-        PrivacyLedger.load_or_create(path, "c", "rdp", DELTA)
-    assert path.read_bytes() == content, "a damaged ledger is never reset or overwritten"
-
-
-@pytest.mark.parametrize("accountant, delta", [("prv", DELTA), ("rdp", 1e-6)])
-def test_ledger_kept_under_other_settings_is_an_error(tmp_path, accountant, delta):
-    path = tmp_path / "ledger.json"
-    _ledger().save(path)
-    before = path.read_bytes()
-    with pytest.raises(UserInputError, match="accountant=rdp"):
-        PrivacyLedger.load_or_create(path, "client-3", accountant, delta)
-    assert path.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------- fingerprint

@@ -21,6 +21,7 @@ from common.errors import UserInputError
 from common.evaluation import evaluate
 from common.models import model_from_config
 from common.partitioning import partition
+from client.ledger import OwnerLedger, Release
 from common.privacy import data_fingerprint
 from server.checkpoint import FINAL_MODEL
 from server.report import RunReport
@@ -144,8 +145,8 @@ def make_run(tmp_path, model_name: str = "cnn"):
     for cid, part in (("client-0", parts[0]), ("client-1", parts[1])):  # ledgers as DP clients name them
         fingerprint = data_fingerprint(np.ascontiguousarray(data.x_train[part]),
                                        None if data.y_train is None else np.ascontiguousarray(data.y_train[part]))
-        (run_dir / "clients" / cid / "ledgers").mkdir(parents=True)
-        (run_dir / "clients" / cid / "ledgers" / f"{fingerprint}.json").write_text("{}")
+        OwnerLedger(cid, releases=[Release("run", 1, 0.0, 1.5, 0.5, 4, 2, "poisson", fingerprint, len(part), 2.5,
+                                           "rdp", cfg.delta)]).save(run_dir / "clients" / cid)
     return run_dir, cfg, data, model
 
 
@@ -250,8 +251,8 @@ def test_bad_run_folders_fail_with_one_line(fake_run, breakage, needle):
     elif breakage == "own-data client":
         report["rounds"][0]["trained"] = ["hospital-a"]
     elif breakage == "ledger of other data":
-        for ledger in (run_dir / "clients" / "client-1" / "ledgers").glob("*.json"):
-            ledger.rename(ledger.with_name("0123456789abcdef.json"))
+        path = run_dir / "clients" / "client-1" / "ledger.json"
+        path.write_text(path.read_text().replace('"fingerprint": "', '"fingerprint": "0'))
     (run_dir / "report.json").write_text(json.dumps(report)) if run_dir.is_dir() else None
     with pytest.raises(UserInputError, match=needle):
         audit_run(run_dir)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import client.bookkeeping as bookkeeping
 from client.bookkeeping import BookkeepingClipper, BookkeepingLoss, supports
-from client.dp_training import planned_mechanism, train_round
+from client.dp_training import RoundRandomness, planned_mechanism, train_round
 from client.grad_sample_modes import AUTO_BY_MODEL, AUTO_FALLBACK, MODES, make_private, resolve
 from common.config import GRAD_SAMPLE_MODES, RunConfig
 from common.errors import UserInputError
@@ -212,7 +212,7 @@ def test_train_round_with_empty_poisson_batches_stays_finite(monkeypatch):
     cfg = RunConfig(model="cnn", batch_size=1, local_epochs=1).validate()  # auto -> bookkeeping
     model = build_model("cnn", (1, 8, 8), 10, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_round(model, x, y, cfg, prior_history=[], seed=5)
+    result = train_round(model, x, y, cfg, prior_history=[], rng=RoundRandomness.seeded(5))
     assert 0 in sizes and any(sizes), sizes  # this seed draws empty and non-empty batches
     assert math.isfinite(result.train_loss) and math.isfinite(result.epsilon)
     assert result.steps == len(sizes) == planned_mechanism(12, cfg)[2]
@@ -230,7 +230,7 @@ def test_train_round_same_weights_in_every_auto_mode_as_in_opacus_hooks(family):
     for mode in ("hooks", *AUTO_CHOICES):
         cfg = RunConfig(model=family, batch_size=8, local_epochs=1, grad_sample_mode=mode, rnn_hidden=16).validate()
         model = build_model(family, (1, 8, 8), 10, rnn_hidden=16, seed=0)
-        train_round(model, x, y, cfg, prior_history=[], seed=2)
+        train_round(model, x, y, cfg, prior_history=[], rng=RoundRandomness.seeded(2))
         finals[mode] = model.state_dict()
     for mode, state in finals.items():
         for key, value in state.items():

@@ -85,7 +85,8 @@ def test_clients_decline_rounds_beyond_their_budget(fedpriv, tmp_path):
     for client in report["privacy"]["clients"].values():
         assert client["epsilon"] <= 3.2
         assert len(client["history"]) == 2
-    assert "declined (privacy budget)" in (run_dir / "report.md").read_text()
+    assert "declined: round 3 would raise epsilon to" in (run_dir / "report.md").read_text()
+    assert all("> budget 3.200" in why for why in last["decline_reasons"].values())
 
 
 def test_ray_backend_runs_the_same_federation(fedpriv, tmp_path):

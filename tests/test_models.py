@@ -7,7 +7,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from client.dp_training import train_round
+from client.dp_training import RoundRandomness, train_round
 from common.config import RunConfig
 from common.datasets import load_dataset
 from common.errors import UserInputError
@@ -98,7 +98,7 @@ def test_family_learns_under_dp(family, dataset, n, batch, epochs, lr, drop):
     model = model_from_config(cfg, data.input_shape, data.num_classes, seed=0)
     before = evaluate(model, family, x, labels)["loss"]
     model.train()  # evaluate() left it in eval mode, which Opacus refuses
-    result = train_round(model, x, y, cfg, prior_history=[], seed=0)
+    result = train_round(model, x, y, cfg, prior_history=[], rng=RoundRandomness.seeded(0))
     after = evaluate(model, family, x, labels)["loss"]
 
     assert np.isfinite(after)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from client.dp_training import train_round
+from client.dp_training import RoundRandomness, train_round
 from client.secure_noise import CsprngPoissonSampler, csprng_normal, csprng_uniform
 from common.config import RunConfig
 from common.datasets import load_dataset
@@ -36,7 +36,7 @@ def _one_round(secure: bool, seed: int = 7):
     cfg = RunConfig(local_epochs=1, secure_mode=secure, noise_multiplier=1.0).validate()
     model = model_from_config(cfg, data.input_shape, data.num_classes, seed=0)
     x, y = data.x_train[:256], data.y_train[:256]
-    return train_round(model, x, y, cfg, [], seed=seed)
+    return train_round(model, x, y, cfg, [], rng=RoundRandomness.seeded(seed))
 
 
 def test_secure_mode_round_trains_and_is_not_reproducible_from_the_seed():
