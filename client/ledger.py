@@ -250,6 +250,7 @@ def locked_ledger(state_dir: Path, owner: str) -> Iterator[OwnerLedger]:
 @contextmanager
 def client_lock(state_dir: Path) -> Iterator[None]:
     """Held by ``fedpriv client`` for its lifetime: one running client per state folder."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
     with _flock(Path(state_dir) / CLIENT_LOCK_FILE,
                 f"state folder {state_dir} is held by another running 'fedpriv client'; stop it or use another "
                 "--state-dir"):

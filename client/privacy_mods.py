@@ -1,6 +1,7 @@
 """Flower client mods for the server's privacy options, applied only when a message asks for them.
 
-Flower's ``secaggplus_mod`` (SecAgg+) and ``fixedclipping_mod`` / ``adaptiveclipping_mod``
+Flower's ``secaggplus_mod`` (SecAgg+, behind client/secagg_guard.py's checks against a server that
+lies about dropouts) and ``fixedclipping_mod`` / ``adaptiveclipping_mod``
 (central DP with client-side clipping) each fail on a training message that was not meant for
 them, so one ClientApp serving every kind of run dispatches on what the message carries.
 SecAgg+ speaks Flower's legacy FitIns/FitRes records; ``_named_records`` translates those to and
@@ -10,13 +11,13 @@ from this project's message layout, so the training code is the same with or wit
 from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.app import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.secagg_guard import guarded_secaggplus_mod
 from common import records
 
 ARRAY_NAMES = "array-names"  # set by server/secure_aggregation.py: legacy Parameters carry no names
@@ -28,7 +29,7 @@ def privacy_mods(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, ctxt, _named_records(call_next))
+        return guarded_secaggplus_mod(msg, ctxt, _named_records(call_next))
     config = msg.content.config_records.get(records.CONFIG)
     if config is not None and KEY_CLIPPING_NORM in config:
         clipping = adaptiveclipping_mod if str(config.get("central-dp", "")).endswith("adaptive") else fixedclipping_mod

@@ -16,8 +16,11 @@ from common.errors import UserInputError
 MODELS = ("cnn", "rnn", "autoencoder")
 BUILTIN_DATASETS = ("digits", "mnist1d")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Flower's Byzantine-robust rules: they need every client's own update and are not a mean (RunConfig.validate).
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", *ROBUST_STRATEGIES)
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+DECISION_ACCOUNTANTS = ("rdp", "prv")  # upper bounds: the only ones a budget decision may use (gdp approximates)
 CENTRAL_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 SIMULATION_BACKENDS = ("in-process", "ray")
 # "auto" = the fastest exact mode for the model family (client/grad_sample_modes.py);
@@ -47,6 +50,10 @@ class RunConfig:
     strategy: str = field(default="fedavg", metadata={"help": "fedavg, fedprox or fedadam."})
     proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight."})
     server_learning_rate: float = field(default=0.01, metadata={"help": "FedAdam server step size (eta)."})
+    trimmed_beta: float = field(default=0.2, metadata={"help": "fedtrimmedavg: fraction of updates cut from each end, per coordinate, before averaging (in [0, 0.5); must trim at least one update per side)."})
+    num_malicious: int = field(default=0, metadata={"help": "krum, multikrum, bulyan: Byzantine clients per round the rule must withstand (0 = the most it can with the clients per round: m > 2f+2 for Krum and MultiKrum, m >= 4f+3 for Bulyan). MultiKrum averages the m - f best-scored updates."})
+    max_update_norm: float = field(default=0.0, metadata={"help": "Largest L2 norm of a client's model update the server accepts (0 = derived from this config: the most local training with these lr, momentum, epochs, batch size, clip and noise can move a client of up to --max-client-records records; see README)."})
+    max_client_records: int = field(default=0, metadata={"help": "Most records the server credits one client with: caps FedAvg's weight and bounds the local steps in the update norm bound (0 = the largest share the run's partitioning gives the server's own training set, exact in simulation; set it in deployments)."})
     local_epochs: int = field(default=2, metadata={"help": "Local epochs per round."})
     batch_size: int = field(default=64, metadata={"help": "Expected local batch size (Poisson: rate = batch/n)."})
     learning_rate: float = field(default=0.1, metadata={"help": "Client SGD learning rate."})
@@ -61,7 +68,7 @@ class RunConfig:
     secure_mode: bool = field(default=False, metadata={"help": "Opacus cryptographically secure noise (slower)."})
     secure_aggregation: bool = field(default=False, metadata={"help": "Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' updates."})
     secagg_shares: int = field(default=0, metadata={"help": "SecAgg+ shares per client key (0 = every client sampled in the round)."})
-    secagg_threshold: int = field(default=0, metadata={"help": "SecAgg+ shares needed to unmask (0 = two thirds of the shares, at least 2); a round survives shares - threshold dropouts among a client's neighbours."})
+    secagg_threshold: int = field(default=0, metadata={"help": "SecAgg+ shares needed to unmask (0 = two thirds of the shares, at least 2; more than half of them); a round survives shares - threshold dropouts among a client's neighbours."})
     secagg_max_weight: float = field(default=10_000.0, metadata={"help": "SecAgg+ largest client weight (examples); larger weights overflow, much larger ones cost precision."})
     central_dp: str = field(default="off", metadata={"help": "User-level central DP with Flower's DP strategies: off, server-fixed, client-fixed, server-adaptive or client-adaptive (clipping side and kind)."})
     central_noise_multiplier: float = field(default=1.0, metadata={"help": "Central DP noise multiplier z: noise std z*C/m on the average of m clipped updates."})
@@ -169,8 +176,58 @@ class RunConfig:
             _positive_float("max-grad-norm", self.max_grad_norm)
             if not 0.0 < self.delta < 1.0:
                 raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
+        self._check_aggregation()
         return self
 
+
+    def malicious_clients(self, sampled: int | None = None) -> int:
+        """f of Krum, MultiKrum and Bulyan: ``--num-malicious``, or the most the rule withstands with
+        ``sampled`` clients per round (Krum needs m > 2f+2, Bulyan m >= 4f+3)."""
+        if self.num_malicious:
+            return self.num_malicious
+        m = self.clients_per_round() if sampled is None else sampled
+        return max(0, (m - 3) // 4 if self.strategy == "bulyan" else (m - 3) // 2)
+
+    def _check_aggregation(self) -> None:
+        """The server's update limits, and robust rules that cannot work with this run's privacy mode or cohort size."""
+        if not (self.num_malicious >= 0):
+            raise UserInputError(f"--num-malicious must be >= 0, 0 meaning the most the rule withstands (got {self.num_malicious})")
+        if not 0.0 <= self.trimmed_beta < 0.5:
+            raise UserInputError(f"--trimmed-beta must be in [0, 0.5) (got {self.trimmed_beta})")
+        if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
+            raise UserInputError(f"--max-update-norm must be >= 0, 0 meaning derived from the config (got {self.max_update_norm})")
+        if self.max_client_records < 0:
+            raise UserInputError(f"--max-client-records must be >= 0, 0 meaning derived from the data (got {self.max_client_records})")
+        if self.strategy not in ROBUST_STRATEGIES:
+            return
+        if self.secure_aggregation:
+            raise UserInputError(
+                f"--strategy {self.strategy} needs every client's own update, which --secure-aggregation hides from "
+                "the server (it learns only the sum); use fedavg, fedprox or fedadam with secure aggregation"
+            )
+        if self.central_dp != "off":
+            raise UserInputError(
+                f"--strategy {self.strategy} with --central-dp {self.central_dp} is not supported: the central noise "
+                "z*C/m is calibrated to a mean's sensitivity C/m, and one client can move a median, a trimmed mean or "
+                "Krum's pick further; use fedavg or fedprox with central DP, or the robust rule with local DP (--dp)"
+            )
+        m = self.clients_per_round()
+        f = self.malicious_clients(m)
+        if self.strategy == "fedtrimmedavg" and int(self.trimmed_beta * m) < 1:
+            raise UserInputError(
+                f"--trimmed-beta {self.trimmed_beta:g} trims nothing with {m} clients per round (int(beta*m) = 0); "
+                f"raise it to at least {1 / m:.3g} or sample more clients"
+            )
+        if self.strategy in ("krum", "multikrum") and not m > 2 * f + 2:
+            raise UserInputError(
+                f"--strategy {self.strategy} withstands f Byzantine clients only with m > 2f+2 clients per round; "
+                f"got m={m}, f={f}: lower --num-malicious or sample more clients"
+            )
+        if self.strategy == "bulyan" and not (f >= 1 and m >= 4 * f + 3):
+            raise UserInputError(
+                f"--strategy bulyan needs m >= 4f+3 clients per round for f >= 1 Byzantine clients; got m={m}, "
+                f"f={f}: lower --num-malicious or sample at least {4 * max(f, 1) + 3} clients per round"
+            )
 
     def clients_per_round(self, available: int | None = None) -> int:
         """How many clients Flower's strategies sample per round (FedAvg.configure_train's rule)."""
@@ -204,6 +261,13 @@ class RunConfig:
         if not 2 <= threshold < shares:
             raise UserInputError(
                 f"--secagg-threshold must be at least 2 and below the number of shares ({shares}); got {threshold}"
+            )
+        if not 2 * threshold > shares:
+            # client/secagg_guard.py refuses such a round: a server could tell some neighbours a client
+            # is active and the others that it dropped, and collect both of its unmasking secrets.
+            raise UserInputError(
+                f"--secagg-threshold must be more than half the shares ({shares}), or a server lying about "
+                f"dropouts could unmask a client; got {threshold}"
             )
         if not self.secagg_max_weight >= 1:
             raise UserInputError(f"--secagg-max-weight must be >= 1 (got {self.secagg_max_weight})")

@@ -8,3 +8,4 @@ PRIVACY = "privacy"        # ConfigRecord: client id, accountant, decline reason
 NUM_EXAMPLES = "num-examples"
 DECLINED = "declined"
 UNIT_WEIGHT = "unit-weight"  # 1 per client: central DP averages updates with equal weights (sensitivity C/m)
+SECAGG_CLIPPED = "secagg-clipped"  # values SecAgg+'s quantiser clipped in this reply (client/secagg_guard.py)

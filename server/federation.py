@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -26,7 +26,7 @@ from common.config import RunConfig
 from common.datasets import load_dataset
 from common.evaluation import evaluate
 from common.models import check_fit, model_from_config
-from server.central_dp import release_noise_multiplier
+from server.central_dp import amplification_holds, release_noise_multiplier
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from server.report import RunReport
 from server.secure_aggregation import run_secure_round
@@ -63,6 +63,7 @@ class Sorted:
     declined: list[str]
     rejected: dict[str, str]
     missed: list[str]  # sampled but no usable reply: crashed, disconnected or timed out
+    decline_reasons: dict[str, str] = field(default_factory=dict)  # the owner's own words, from its policy
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -122,7 +123,8 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
             arrays = new_arrays
             if cfg.central_dp != "off":
                 report.record_central_release(server_round, release_noise_multiplier(strategy, len(replies_sorted.accepted)),
-                                              sampled=len(messages), population=max(population, len(messages)))
+                                              sampled=len(messages), population=max(population, len(messages)),
+                                              secret_cohort=amplification_holds(strategy, cfg))
                 report.central["clipping_norm"] = strategy.clipping_norm  # adaptive: the next round's, kept for resume
         else:
             log.warning("round %d: no update to aggregate; the global model is unchanged", server_round)
@@ -131,11 +133,14 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         participation = {
             "trained": sorted(_client_id(m) for m in replies_sorted.accepted),
             "declined": sorted(replies_sorted.declined),
+            "decline_reasons": replies_sorted.decline_reasons,
             "rejected": replies_sorted.rejected,
             "missed": replies_sorted.missed,
             "aggregation": "secagg+" if cfg.secure_aggregation else "plain",
             "seconds": round(time.monotonic() - started, 3),
         }
+        if cfg.secure_aggregation:  # client id -> values SecAgg+'s quantiser clipped (only clients that did)
+            participation["secagg_clipped"] = secure.clipped
         report.add_round(server_round, metrics, participation)
         save_checkpoint(run_dir, Checkpoint(server_round, model.state_dict(), report.to_dict()))
         report.write(run_dir, plots=False)
@@ -191,7 +196,7 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
     Under secure aggregation replies carry no update (``validate_each=False``): only the sum is checked.
     """
     replies = list(replies)
-    accepted, declined, rejected = [], [], {}
+    accepted, declined, rejected, reasons = [], [], {}, {}
     answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
     missed = [node_names.get(n, f"node-{n}") for n in sampled if n not in answered]
     for msg in replies:
@@ -207,8 +212,8 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
         node_names[msg.metadata.src_node_id] = client
         if int(metrics.get(records.DECLINED, 0)):
             declined.append(client)
-            log.warning("round %d: %s declined: %s", server_round, client,
-                        msg.content[records.PRIVACY].get("decline-reason", "budget"))
+            reasons[client] = str(msg.content[records.PRIVACY].get("decline-reason", "privacy budget"))[:500]
+            log.warning("round %d: %s declined: %s", server_round, client, reasons[client])
             continue
         # The client trained: its privacy is spent whether or not its update is usable.
         report.record_training(client, server_round, float(metrics["noise-multiplier"]),
@@ -225,7 +230,7 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
         accepted.append(msg)
     for name in missed:
         log.warning("round %d: no usable reply from %s", server_round, name)
-    return Sorted(accepted, declined, rejected, sorted(missed))
+    return Sorted(accepted, declined, rejected, sorted(missed), reasons)
 
 
 def _aggregate_secure(strategy: Strategy, server_round: int, aggregate: ArrayRecord | None, reference: ArrayRecord,

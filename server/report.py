@@ -26,21 +26,56 @@ USER_LEVEL = (
     "Each client's data as a whole is protected by user-level ({eps}, {delta})-differential privacy ({mode} "
     "central DP with Flower's DP strategy): replacing everything one client holds changes the probability of "
     "any sequence of global models by at most a factor e^epsilon, except with probability delta. It covers "
-    "{releases} noisy releases, each averaging clipped updates of {sampled} clients sampled without "
-    "replacement from {population} (RDP accountant, amplification by sampling)."
+    "{releases} noisy releases, each the average of the clipped updates of {sampled} of {population} clients "
+    "(RDP accountant), {charged}"
 )
+# How the releases were charged; amplification by sampling holds only against whoever cannot know the cohort.
+USER_LEVEL_CHARGED = {
+    "everyone": "and every client was in every cohort, so there is no amplification by sampling.",
+    "visible": ("each charged in full, as if the client had been in every cohort (without amplification by "
+                "sampling): this report lists who trained in every round, so its readers know the cohorts."),
+}
+USER_LEVEL_AMPLIFIED = (
+    " Against someone who sees only the global models (not this report's participation lists, not the server, "
+    "no sampled client), the cohorts were secret, drawn with the operating system's CSPRNG: amplification by "
+    "sampling without replacement gives user-level ({eps}, {delta})-DP against them."
+)
+USER_LEVEL_NOT_AMPLIFIED = (
+    " Amplification is claimed against no one: the cohorts were not secret from the party the guarantee is "
+    "against (drawn with a predictable generator, or picked by the server itself under secure aggregation)."
+)
+CENTRAL_NOISE = {
+    True: " Central-DP noise came from the operating system's CSPRNG (--secure-mode).",
+    False: (" Central-DP noise came from NumPy's default pseudo-random generator, not a CSPRNG: pass --secure-mode "
+            "in production, where a predictable generator lets the noise be subtracted."),
+}
 SECURE_AGGREGATION = (
     "Secure aggregation (Flower's SecAgg+) was on: in every round the server learned only the weighted sum "
-    "of the sampled clients' updates, never one client's update; this holds as long as fewer than "
-    "{threshold} of a client's {shares} SecAgg+ neighbours collude with the server. It hides updates "
-    "from the server, not from the global model."
+    "of the sampled clients' updates, never one client's update. This assumes an honest-but-curious server, "
+    "one that runs the protocol as written and relays the clients' public keys unchanged, and that fewer than "
+    "{threshold} of a client's {shares} SecAgg+ neighbours collude with it. Each client also refused to unmask "
+    "whenever the server's dropout lists contradicted themselves or the earlier stages (a client both active "
+    "and dropped, one outside its neighbours, lists that changed), so lying about dropouts reveals no update; "
+    "a server that substitutes public keys is not detected (SecAgg+ has no key authentication). {clipped} "
+    "It hides updates from the server, not from the global model."
 )
+SECAGG_CLIPPED = {
+    True: "The quantiser clipped {count} weight-scaled values beyond ±8 (rounds {rounds}), so the aggregate is "
+          "wrong at those values; raise --secagg-max-weight.",
+    False: "No value fell outside the quantiser's range.",
+}
 SECURE_MODE = {
     True: "Local DP-SGD noise and batch sampling were drawn from the operating system's cryptographically secure "
           "generator, with Opacus' secure-mode recipe against floating-point attacks (--secure-mode).",
     False: "Local DP-SGD noise came from PyTorch's default pseudo-random generator, not Opacus' secure_mode: "
            "fine for experiments; pass --secure-mode in production, where a predictable generator weakens the guarantee.",
 }
+OWNER_POLICY = (
+    "Threat model: local DP protects each owner's records from the server, so the server is not trusted for it. "
+    "Each client enforced its owner's own policy (DP required unless the owner allowed otherwise, its delta, "
+    "its accountant, its minimum noise, its budget), charged its own ledger before any update left, and declined "
+    "rounds its policy did not allow; the epsilon shown is what the clients report from their ledgers."
+)
 NO_DP = (
     "This run trained **without differential privacy**: epsilon is infinite, and nothing bounds what "
     "the server or other clients can learn about any single record from the model updates."
@@ -74,20 +109,33 @@ class RunReport:
         if ledger is not None:
             entry["ledger"] = ledger
 
-    def record_central_release(self, server_round: int, noise_multiplier: float, sampled: int, population: int) -> None:
-        """Add one round's central-DP release and recompute the user-level epsilon over all of them."""
+    def record_central_release(self, server_round: int, noise_multiplier: float, sampled: int, population: int,
+                               secret_cohort: bool = False) -> None:
+        """Add one round's central-DP release and recompute the user-level epsilons over all of them.
+
+        ``epsilon`` charges every release in full (no amplification): it holds against anyone, readers of
+        this report (which lists every cohort) included. ``epsilon_amplified`` exists only when some cohort
+        was ``secret_cohort`` (CSPRNG-sampled, picked by a trusted server: ``amplification_holds``) and
+        smaller than the population; it holds only against those who see the global models alone.
+        """
         from server.central_dp import user_level_epsilon  # dp-accounting is imported only by central-DP runs
 
         releases = self.central.setdefault("releases", [])
         releases.append({"round": server_round, "noise_multiplier": noise_multiplier, "sampled": sampled,
-                         "population": population})
-        self.central["epsilon"] = user_level_epsilon(releases, self.delta)
+                         "population": population, "secret_cohort": bool(secret_cohort)})
+        self.central["epsilon"] = user_level_epsilon(releases, self.delta, amplification=False)
+        if any(r.get("secret_cohort") and r["sampled"] < r["population"] for r in releases):
+            self.central["epsilon_amplified"] = user_level_epsilon(releases, self.delta, amplification=True)
+        else:
+            self.central.pop("epsilon_amplified", None)
 
     def user_epsilon(self) -> float | None:
         return self.central.get("epsilon") if self.central else None
 
     def add_round(self, server_round: int, metrics: dict[str, float], participation: dict[str, Any]) -> None:
         extra = {"user_epsilon": self.user_epsilon()} if self.central else {}
+        if "epsilon_amplified" in self.central:  # only against those who see the global models alone
+            extra["user_epsilon_amplified"] = self.central["epsilon_amplified"]
         self.rounds.append({"round": server_round, "metrics": metrics, "max_epsilon": self.max_epsilon(),
                             **extra, **participation})
 
@@ -151,14 +199,27 @@ class RunReport:
                                   "it can understate epsilon; use rdp for a guarantee.")
         releases = self.central.get("releases", [])
         if releases:
+            everyone = all(r["sampled"] >= r["population"] for r in releases)
             found["user_level_dp"] = USER_LEVEL.format(
                 eps=_fmt_eps(self.central["epsilon"]), delta=f"{self.delta:g}", mode=self.run.get("central_dp", ""),
-                releases=len(releases), sampled=releases[-1]["sampled"], population=releases[-1]["population"])
+                releases=len(releases), sampled=releases[-1]["sampled"], population=releases[-1]["population"],
+                charged=USER_LEVEL_CHARGED["everyone" if everyone else "visible"])
+            if "epsilon_amplified" in self.central:
+                found["user_level_dp"] += USER_LEVEL_AMPLIFIED.format(eps=_fmt_eps(self.central["epsilon_amplified"]),
+                                                                      delta=f"{self.delta:g}")
+            elif not everyone:
+                found["user_level_dp"] += USER_LEVEL_NOT_AMPLIFIED
+            found["user_level_dp"] += CENTRAL_NOISE[bool(self.run.get("secure_mode"))]
         if self.run.get("secure_aggregation"):
+            clipped = {r["round"]: sum(r.get("secagg_clipped", {}).values()) for r in self.rounds}
+            clipped = {n: c for n, c in clipped.items() if c}
             found["secure_aggregation"] = SECURE_AGGREGATION.format(
-                threshold=self.run.get("secagg_threshold", "?"), shares=self.run.get("secagg_shares", "?"))
+                threshold=self.run.get("secagg_threshold", "?"), shares=self.run.get("secagg_shares", "?"),
+                clipped=SECAGG_CLIPPED[bool(clipped)].format(
+                    count=sum(clipped.values()), rounds=", ".join(map(str, clipped))))
         if self.dp:
             found["noise_source"] = SECURE_MODE[bool(self.run.get("secure_mode"))]
+            found["owner_policy"] = OWNER_POLICY
         return found
 
     def markdown(self) -> str:
@@ -188,7 +249,8 @@ class RunReport:
             lines += ["", "## Clients left out of rounds", ""]
             for r in left_out:
                 for cid in r.get("declined", []):
-                    lines.append(f"- round {r['round']}: {cid} declined (privacy budget)")
+                    why = r.get("decline_reasons", {}).get(cid, "privacy budget")
+                    lines.append(f"- round {r['round']}: {cid} declined: {why}")
                 for cid, why in r.get("rejected", {}).items():
                     lines.append(f"- round {r['round']}: update of {cid} dropped: {why}")
                 for cid in r.get("missed", []):

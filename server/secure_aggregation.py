@@ -5,6 +5,12 @@ unmasking, dropout recovery); this module only adapts it to our loop: it hands t
 clients our strategy already sampled, keeps the unmasked weighted average it produces, and keeps
 each client's privacy record (plain metadata that travels beside the masked vector). The server
 never holds an individual client's model: only masked vectors and their sum.
+
+That holds for an honest-but-curious server, which runs the workflow as written and relays the
+clients' public keys unchanged. The clients (client/secagg_guard.py) refuse to unmask when the
+server's node lists contradict themselves or the earlier stages, so a server that lies about who
+dropped out learns nothing more; one that substitutes keys is not detected (SecAgg+ has no PKI).
+Values the quantiser clips are counted by each client and returned in ``SecureRound.clipped``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,17 @@ class SecureRound:
     aggregate: ArrayRecord | None  # the unmasked weighted average, None if the protocol halted
     replies: list[Message]  # per-client replies of the masked-vector stage (metrics and privacy only)
 
+    @property
+    def clipped(self) -> dict[str, int]:
+        """Client id -> how many of its (weight-scaled) values SecAgg+'s quantiser clipped to its range.
+
+        Only clients that clipped any; their part of the aggregate is wrong at those values.
+        """
+        counts = {str(m.content[records.PRIVACY].get("client-id", f"node-{m.metadata.src_node_id}")):
+                  int(m.content[records.METRICS].get(records.SECAGG_CLIPPED, 0))
+                  for m in self.replies if records.METRICS in m.content.metric_records}
+        return {client: n for client, n in sorted(counts.items()) if n}
+
 
 def run_secure_round(grid: Grid, messages: list[Message], arrays: ArrayRecord, cfg: RunConfig,
                      server_round: int) -> SecureRound:
@@ -63,7 +80,13 @@ def run_secure_round(grid: Grid, messages: list[Message], arrays: ArrayRecord, c
         aggregate = ArrayRecord({name: Array(legacy[key].numpy().astype(arrays[name].numpy().dtype))
                                  for name, key in zip(arrays.keys(), legacy.keys(), strict=True)})
     replies = [m for m in recorder.replies if not m.has_error() and records.PRIVACY in m.content.config_records]
-    return SecureRound(aggregate, replies)
+    outcome = SecureRound(aggregate, replies)
+    if outcome.clipped:
+        log.warning("round %d: SecAgg+ quantisation clipped values beyond +-%g after scaling by weight / "
+                    "--secagg-max-weight (client: count): %s; the aggregate is wrong there. A larger "
+                    "--secagg-max-weight scales them down, at some cost in precision", server_round,
+                    workflow.clipping_range, outcome.clipped)
+    return outcome
 
 
 class _RecordingGrid:

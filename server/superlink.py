@@ -5,6 +5,15 @@ admits only SuperNodes whose public key was registered (``flwr supernode registe
 the ServerApp submitted with ``flwr run``. This module makes that one step: start the SuperLink
 (its state in a SQLite database inside the run folder, so a restart keeps registrations), register
 the data owners' keys, submit the run with the run config, follow it, and stop the SuperLink.
+
+Who can do what (issue 12): the clients' address (``--host:--port``) serves only the Fleet API, so
+there a key that ``fedpriv server`` did not register is refused by SuperNode authentication and
+nothing else is answered. The Control API (register keys, list/start/stop runs), which Flower 1.42
+without OIDC does not authenticate, and the ServerApp's Runtime API listen on
+``127.0.0.1:--control-port`` only: only the operator, on the server machine (or through an SSH
+tunnel to it), controls runs, and the allowed keys are exactly the ones registered here at start.
+The assumption: nobody untrusted has a shell on the server machine (loopback is open to its
+local users).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from common.errors import UserInputError
 from simulations.processes import Child, port_in_use, venv_env, wait_for_port
 
 CONNECTION = "fedpriv"
+OPERATOR_HOST = "127.0.0.1"  # the Control and Runtime APIs listen here only
+CONTROL_PORT = 9093  # Flower's usual Control API port
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App (pyproject.toml with [tool.flwr.app])
 
 
@@ -46,20 +57,58 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, port: int, insecure: bool) -> None:
-    """Refuse plaintext off loopback and a port that is taken, before anything starts."""
+def check_bind(host: str, port: int, insecure: bool, control_port: int = CONTROL_PORT,
+               tls: "ServerTLS | None" = None) -> None:
+    """Refuse plaintext off loopback, taken or clashing ports, and a server certificate that does
+    not name 127.0.0.1 (``fedpriv server`` and the ServerApp reach the Control and Runtime APIs
+    there, over the same TLS), before anything starts."""
     if insecure and not is_loopback(host):
         raise UserInputError(f"--insecure is only allowed on loopback addresses (got --host {host}); "
                              "create certificates with 'fedpriv certs' and drop --insecure")
+    if port == control_port and (host in ("0.0.0.0", "::", "localhost") or _same_ip(host, OPERATOR_HOST)):
+        raise UserInputError(f"--port and --control-port are both {port} on {OPERATOR_HOST}; the clients' "
+                             "port and the operator's Control API port must differ")
     if port_in_use(host, port):
         raise UserInputError(f"--port {port} on {host} is already in use; pick another port")
+    if port_in_use(OPERATOR_HOST, control_port):
+        raise UserInputError(f"--control-port {control_port} on {OPERATOR_HOST} is already in use; pick another port")
+    if tls is not None and not _names_loopback(tls.server_cert):
+        raise UserInputError(f"server certificate {tls.server_cert} does not name {OPERATOR_HOST}, where the "
+                             "Control API listens; remake it with 'fedpriv certs --host <clients address> "
+                             f"--host {OPERATOR_HOST} --force'")
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def _names_loopback(server_cert: Path) -> bool:
+    from cryptography import x509
+
+    from common.certificates import load_certificate
+
+    try:
+        names = load_certificate(server_cert, "server certificate").extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+    except x509.ExtensionNotFound:
+        return False
+    return ipaddress.ip_address(OPERATOR_HOST) in names
 
 
 class SuperLink:
-    """A running ``flower-superlink`` and the ``flwr`` CLI configured to talk to it."""
+    """A running ``flower-superlink`` and the ``flwr`` CLI configured to talk to it.
 
-    def __init__(self, run_dir: Path, host: str, port: int, tls: ServerTLS | None) -> None:
+    Clients reach ``host:port`` (Fleet API only); the ``flwr`` CLI here, like the ServerApp, uses
+    ``127.0.0.1:control_port``, the only address that answers the Control and Runtime APIs.
+    """
+
+    def __init__(self, run_dir: Path, host: str, port: int, tls: ServerTLS | None,
+                 control_port: int = CONTROL_PORT) -> None:
         self.run_dir, self.host, self.port, self.tls = Path(run_dir), host, port, tls
+        self.control_port = control_port
         self.home = self.run_dir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = venv_env({"FLWR_HOME": str(self.home)})
@@ -67,15 +116,17 @@ class SuperLink:
         self._write_connection()
 
     def _write_connection(self) -> None:
-        client_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{client_host}:{self.port}"']
+                 f'address = "{OPERATOR_HOST}:{self.control_port}"']
         lines.append(f'root-certificates = "{self.tls.ca_cert}"' if self.tls else "insecure = true")
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 60.0) -> None:
-        # Flower's flower-superlink, with a longer SQLite lock wait (see server/superlink_process.py)
-        argv = [sys.executable, "-m", "server.superlink_process", "--host", self.host, "--port", str(self.port),
+        # Flower's flower-superlink, with a longer SQLite lock wait and every API but the Fleet API on
+        # the operator's loopback address only (see server/superlink_process.py)
+        fleet_host = f"[{self.host}]" if ":" in self.host else self.host
+        argv = [sys.executable, "-m", "server.superlink_process", "--host", OPERATOR_HOST,
+                "--port", str(self.control_port), "--fleet-address", f"{fleet_host}:{self.port}",
                 "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
         if self.tls:
             argv += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
@@ -84,7 +135,8 @@ class SuperLink:
             argv += ["--insecure"]
         self.child = Child("superlink", argv, self.run_dir / "logs" / "superlink.log", env=self.env, cwd=self.run_dir)
         probe_host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        if not wait_for_port(probe_host, self.port, timeout, self.child):
+        if not (wait_for_port(OPERATOR_HOST, self.control_port, timeout, self.child)
+                and wait_for_port(probe_host, self.port, timeout, self.child)):
             tail = self.child.tail(3).replace("\n", " | ")
             self.stop()
             raise UserInputError(f"the SuperLink did not start on {self.host}:{self.port} ({tail}); "
@@ -96,7 +148,12 @@ class SuperLink:
                               timeout=timeout)
 
     def register_keys(self) -> int:
-        """Register every client public key (already registered ones are fine). Returns the count."""
+        """Register every client public key (already registered ones are fine). Returns the count.
+
+        This is the only way a key gets in: the Control API that registers keys answers on the
+        operator's loopback address only, so the allowed SuperNodes are the ``.pub`` files given to
+        ``fedpriv server`` (plus those a previous start with the same run folder registered).
+        """
         if not self.tls:
             return 0
         for key in self.tls.client_public_keys:

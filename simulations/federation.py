@@ -34,12 +34,27 @@ def config_flags(cfg: RunConfig) -> list[str]:
     return flags
 
 
+def owner_policy_flags(cfg: RunConfig) -> list[str]:
+    """``fedpriv client`` flags for the owners of a local federation: whoever runs it owns every client,
+    so their policy is the run's own settings (``OwnerPolicy.of_simulation``), as in ``fedpriv simulate``."""
+    from client.owner_policy import OwnerPolicy
+
+    policy = OwnerPolicy.of_simulation(cfg)
+    flags = ["--budget-epsilon", str(policy.budget_epsilon), "--min-noise-multiplier", repr(policy.min_noise_multiplier),
+             "--delta", repr(policy.delta), "--accountant", policy.accountant,
+             "--poisson-sampling" if policy.poisson_sampling else "--no-poisson-sampling"]
+    flags += ["--allow-no-dp"] if not policy.require_dp else []
+    flags += ["--secure-mode"] if policy.secure_mode else []
+    return flags
+
+
 class LocalFederation:
     """The processes of one local federation; use as a context manager so they always stop."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, port: int | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.port = port or free_port()
+        self.control_port = free_port()  # the operator's Control API (127.0.0.1 only)
         self.certs = self.run_dir / "certs"
         self.server: Child | None = None
         self.clients: dict[str, Child] = {}
@@ -55,7 +70,7 @@ class LocalFederation:
 
     def start_server(self) -> Child:
         argv = [*CLI, "server", "--certs", str(self.certs), "--host", "127.0.0.1", "--port", str(self.port),
-                *config_flags(self.cfg)]
+                "--control-port", str(self.control_port), *config_flags(self.cfg)]
         self.server = Child("server", argv, self.run_dir / "logs" / "server.log", env=venv_env(),
                             cwd=Path(__file__).resolve().parents[1])
         return self.server
@@ -65,7 +80,8 @@ class LocalFederation:
         argv = [*CLI, "client", "--server", f"127.0.0.1:{self.port}",
                 "--data", f"partition:{index}/{self.cfg.num_clients}",
                 "--state-dir", str(self.run_dir / "clients" / name), "--name", name,
-                "--ca", str(self.certs / "ca.crt"), "--key", str(self.certs / "clients" / name)]
+                "--ca", str(self.certs / "ca.crt"), "--key", str(self.certs / "clients" / name),
+                *owner_policy_flags(self.cfg)]
         child = Child(name, argv, self.run_dir / "logs" / f"{name}.log", env=venv_env(),
                       cwd=Path(__file__).resolve().parents[1])
         self.clients[name] = child

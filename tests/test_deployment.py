@@ -12,7 +12,8 @@ import pytest
 
 from common.certificates import make_certificates
 from common.config import RunConfig
-from common.privacy import PrivacyLedger, epsilon_for
+from client.ledger import load_ledger
+from common.privacy import epsilon_for
 from simulations.federation import LocalFederation
 from tests.test_cli_errors import assert_clean_error
 
@@ -39,8 +40,8 @@ def _processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
-def _ledger_files(run_dir: Path, client: str) -> list[Path]:
-    return sorted((run_dir / "clients" / client / "ledgers").glob("*.json"))
+def _ledger(run_dir: Path, client: str):
+    return load_ledger(run_dir / "clients" / client)
 
 
 def test_federation_command_with_secure_aggregation_runs_and_leaves_no_process(fedpriv, tmp_path):
@@ -53,14 +54,15 @@ def test_federation_command_with_secure_aggregation_runs_and_leaves_no_process(f
     assert all(r["trained"] == ["client-0", "client-1", "client-2"] for r in report["rounds"])
     # SecAgg+ over TLS between real processes: the server only unmasked the sum, and the model learnt from it.
     assert all(r["aggregation"] == "secagg+" for r in report["rounds"])
+    assert all(r["secagg_clipped"] == {} for r in report["rounds"])  # no value beyond the quantiser's range
     assert "secure_aggregation" in report["privacy"]["guarantees"]
     assert report["rounds"][-1]["metrics"]["accuracy"] > 0.2
     for name in ("server", "superlink", "client-0", "client-1", "client-2"):
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name
     for client, entry in report["privacy"]["clients"].items():
-        ledger = json.loads(_ledger_files(run_dir, client)[0].read_text())
-        assert len(ledger["entries"]) == 2
-        assert entry["epsilon"] == pytest.approx(ledger["entries"][-1]["epsilon"])
+        ledger = _ledger(run_dir, client)
+        assert len(ledger.releases) == 2
+        assert entry["epsilon"] == pytest.approx(ledger.releases[-1].epsilon)
     time.sleep(2)
     assert _processes_mentioning(str(run_dir)) == []
 
@@ -81,10 +83,9 @@ def test_client_killed_mid_run(tmp_path):
     assert "client-2" in rounds[1]["missed"]
     assert "client-2 missed the round" in (run_dir / "report.md").read_text()
     # The killed client's ledger is whole and agrees with itself: every entry it holds was really spent.
-    data = json.loads(_ledger_files(run_dir, "client-2")[0].read_text())
-    ledger = PrivacyLedger.load_or_create(_ledger_files(run_dir, "client-2")[0], data["client_id"], "rdp", 1e-5)
-    assert 1 <= len(ledger.entries) <= 2 and ledger.entries[0].round == 1
-    assert ledger.entries[-1].epsilon == pytest.approx(ledger.epsilon(), rel=1e-9)
+    ledger = _ledger(run_dir, "client-2")
+    assert 1 <= len(ledger.releases) <= 2 and ledger.releases[0].round == 1
+    assert ledger.releases[-1].epsilon == pytest.approx(ledger.epsilon(1e-5, "rdp"), rel=1e-9)
     assert _processes_mentioning(str(run_dir)) == []
 
 
@@ -104,10 +105,10 @@ def test_server_killed_and_restarted_resumes_without_losing_or_double_counting(t
     assert "resuming" in (run_dir / "logs" / "server.log").read_text()
     privacy = report["privacy"]
     for client, entry in privacy["clients"].items():
-        on_disk = json.loads(_ledger_files(run_dir, client)[0].read_text())["entries"]
+        on_disk = _ledger(run_dir, client).releases
         # The report's ledger is the client's: nothing lost, nothing added.
-        assert [(e["round"], e["steps"]) for e in entry["ledger"]] == [(e["round"], e["steps"]) for e in on_disk]
-        mechanisms = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in on_disk]
+        assert [(e["round"], e["steps"]) for e in entry["ledger"]] == [(e.round, e.steps) for e in on_disk]
+        mechanisms = [e.mechanism() for e in on_disk]
         assert entry["epsilon"] == pytest.approx(epsilon_for(mechanisms, 1e-5, "rdp"), rel=1e-9)
         # Rounds 1..3 each counted exactly once in this run's history; a round trained before the crash
         # but never aggregated may appear once more in the ledger (that privacy was spent).
@@ -161,13 +162,31 @@ def test_client_and_server_bad_input(fedpriv, tmp_path):
                                "--data", "partition:0/1", "--ca", str(certs.ca_cert), "--key", str(mismatched),
                                timeout=60), "does not match")
     # corrupted ledger: refused, and left as it was
-    state = tmp_path / "d"
-    (state / "ledgers").mkdir(parents=True)
-    bad = state / "ledgers" / "0123456789abcdef.json"
-    bad.write_text("{not json")
-    assert_clean_error(fedpriv("client", "--server", f"127.0.0.1:{port}", "--state-dir", str(state), *good,
-                               timeout=60), "corrupted")
-    assert bad.read_text() == "{not json"
+    for layout in ("ledger.json", "ledgers/0123456789abcdef.json"):  # this layout and the previous one
+        state = tmp_path / "d" / layout.replace("/", "-")
+        bad = state / layout
+        bad.parent.mkdir(parents=True)
+        bad.write_text("{not json")
+        assert_clean_error(fedpriv("client", "--server", f"127.0.0.1:{port}", "--state-dir", str(state), *good,
+                                   timeout=60), "corrupted")
+        assert bad.read_text() == "{not json"
+    # a state folder held by another running client (a listening port stands in for a reachable server)
+    from client.ledger import client_lock
+
+    with socket.socket() as listening, client_lock(tmp_path / "held"):
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert_clean_error(fedpriv("client", "--server", f"127.0.0.1:{listening.getsockname()[1]}", "--state-dir",
+                                   str(tmp_path / "held"), *good, timeout=60), "held by another running")
+    # owner policy: gdp cannot decide a budget; a delta at or above 1/records
+    assert_clean_error(fedpriv("client", "--server", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "e"), *good,
+                               "--accountant", "gdp", timeout=60), "cannot decide")
+    import numpy as np
+
+    np.savez(tmp_path / "small.npz", x=np.zeros((50, 1, 8, 8), np.float32), y=np.arange(50) % 10)
+    assert_clean_error(fedpriv("client", "--server", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "f"),
+                               "--data", f"npz:{tmp_path / 'small.npz'}", "--delta", "0.05", *good[2:], timeout=60),
+                       "not below 1/n")
     # state dir that is not writable (a path under a regular file)
     blocker = tmp_path / "file"
     blocker.write_text("x")
