@@ -70,12 +70,18 @@ def clopper_pearson_upper(k, n, confidence: float = CONFIDENCE) -> np.ndarray:
 def epsilon_lower_bound(tp, m, fp, n, delta: float, confidence: float = CONFIDENCE) -> np.ndarray:
     """``max(log((TPR-delta)/FPR), log((1-FPR-delta)/(1-TPR)), 0)`` with TPR bounded from below
     and FPR from above (Clopper-Pearson), from ``tp`` of ``m`` members and ``fp`` of ``n`` non-members."""
-    tpr = clopper_pearson_lower(tp, m, confidence)
-    fpr = clopper_pearson_upper(fp, n, confidence)
-    with np.errstate(divide="ignore"):
+    return implied_epsilon(clopper_pearson_lower(tp, m, confidence), clopper_pearson_upper(fp, n, confidence), delta)
+
+
+def implied_epsilon(tpr, fpr, delta: float) -> np.ndarray:
+    """The largest eps that a test with these rates breaks: ``max(log((TPR-delta)/FPR),
+    log((1-FPR-delta)/(1-TPR)), 0)``. Given the true rates, the test's own epsilon; given
+    conservative bounds on them, a lower bound (:func:`epsilon_lower_bound`)."""
+    tpr, fpr = np.asarray(tpr, dtype=float), np.asarray(fpr, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) - log(0) is NaN: that side shows nothing
         direct = np.log(np.maximum(tpr - delta, 0.0)) - np.log(fpr)
         complement = np.log(np.maximum(1.0 - fpr - delta, 0.0)) - np.log(1.0 - tpr)
-    return np.maximum(np.maximum(direct, complement), 0.0)
+    return np.fmax(np.fmax(direct, complement), 0.0)
 
 
 def split_halves(num_members: int, num_nonmembers: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,7 @@ class RunConfig:
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: rdp (upper bound), prv (tight numerical estimate) or gdp (CLT approximation: can underestimate epsilon, badly for few steps or little noise)."})
     poisson_sampling: bool = field(default=True, metadata={"help": "Poisson batch sampling (needed for the amplification the accountant assumes)."})
     grad_sample_mode: str = field(default="auto", metadata={"help": "Per-sample gradient mode: auto (fastest exact one for the model), hooks, functorch, ew, ghost (Opacus) or bookkeeping (single-pass exact clipping)."})
-    secure_mode: bool = field(default=False, metadata={"help": "Opacus cryptographically secure noise (slower)."})
+    secure_mode: bool = field(default=False, metadata={"help": "Noise from the OS CSPRNG (slower): local DP-SGD with Opacus' secure-mode recipe, and central DP."})
     secure_aggregation: bool = field(default=False, metadata={"help": "Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' updates."})
     secagg_shares: int = field(default=0, metadata={"help": "SecAgg+ shares per client key (0 = every client sampled in the round)."})
     secagg_threshold: int = field(default=0, metadata={"help": "SecAgg+ shares needed to unmask (0 = two thirds of the shares, at least 2; more than half of them); a round survives shares - threshold dropouts among a client's neighbours."})

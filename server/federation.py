@@ -9,6 +9,7 @@ held-out test set, and an atomic checkpoint after each round so a restarted serv
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from common import records
 from common.atomic_io import write_json
@@ -31,7 +33,8 @@ from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save
 from server.report import RunReport
 from server.secure_aggregation import run_secure_round
 from server.strategy_factory import build_strategy
-from server.update_validation import dp_update_bound, update_problem
+from server.update_validation import (UpdateLimits, client_records, norm_bit, server_weight, update_limits,
+                                      update_problem)
 
 log = logging.getLogger("fedpriv.server")
 
@@ -82,6 +85,8 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset)
     model = model_from_config(cfg, data.input_shape, data.num_classes, seed=cfg.seed)
     strategy = build_strategy(cfg)
+    client_sizes = client_records(cfg, data)  # the server's own expectation, never a client's claim
+    num_params = sum(int(np.prod(v.shape)) for v in model.state_dict().values())
 
     ckpt = load_checkpoint(run_dir)
     if ckpt is not None:
@@ -107,16 +112,19 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         observer.round_started(server_round, cfg.num_rounds, len(messages))
         sampled = [m.metadata.dst_node_id for m in messages]
+        # This round's clipping norm: adaptive clipping moves it after aggregating.
+        limits = update_limits(cfg, num_params, client_sizes, getattr(strategy, "clipping_norm", None))
         if cfg.secure_aggregation:
             secure = run_secure_round(grid, messages, arrays, cfg, server_round)
             observer.client_replied(server_round, len(secure.replies), len(messages))
             replies_sorted = _sort_replies(secure.replies, arrays, sampled, report, server_round, cfg, node_names,
-                                           validate_each=False)
-            new_arrays = _aggregate_secure(strategy, server_round, secure.aggregate, arrays, cfg, replies_sorted)
+                                           validate_each=False, limits=limits)
+            new_arrays = _aggregate_secure(strategy, server_round, secure.aggregate, arrays, limits, replies_sorted)
         else:
-            replies = _send_and_receive(grid, messages, cfg.round_timeout,
-                                        lambda done: observer.client_replied(server_round, done, len(messages)))
-            replies_sorted = _sort_replies(replies, arrays, sampled, report, server_round, cfg, node_names)
+            replies, sent = _send_and_receive(grid, messages, cfg.round_timeout,
+                                              lambda done: observer.client_replied(server_round, done, len(messages)))
+            replies_sorted = _sort_replies(replies, arrays, sampled, report, server_round, cfg, node_names,
+                                           limits=limits, sent=sent)
             new_arrays = (strategy.aggregate_train(server_round, replies_sorted.accepted)[0]
                           if replies_sorted.accepted else None)
         if new_arrays is not None:
@@ -151,9 +159,13 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     return report
 
 
-def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:
-    """Like ``Grid.send_and_receive`` but reports each reply as it arrives."""
-    pending = set(grid.push_messages(messages))
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,
+                      on_reply) -> tuple[list[Message], dict[str, int]]:
+    """Like ``Grid.send_and_receive`` but reports each reply as it arrives. Also returns the id of
+    every message sent, with the node it went to: a reply must answer one of them, from that node."""
+    ids = list(grid.push_messages(messages))
+    sent = {message_id: m.metadata.dst_node_id for message_id, m in zip(ids, messages)}
+    pending = set(ids)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending and time.monotonic() < deadline:
@@ -164,7 +176,7 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, on_re
             on_reply(len(replies))
         else:
             time.sleep(0.1)
-    return replies
+    return replies, sent
 
 
 def _ledger_of(msg: Message) -> list[dict] | None:
@@ -181,28 +193,98 @@ def _client_id(msg: Message) -> str:
     return str(msg.content[records.PRIVACY]["client-id"])
 
 
-def _max_norm(cfg: RunConfig, reference: ArrayRecord, metrics) -> float | None:
-    if not cfg.dp:
-        return None  # without clipping there is no bound to hold an update to
-    num_params = sum(int(np.prod(reference[k].shape)) for k in reference.keys())
-    return dp_update_bound(num_params, int(metrics["steps"]), cfg.learning_rate, cfg.momentum, cfg.max_grad_norm,
-                           cfg.noise_multiplier, cfg.batch_size)
+def _training_numbers(metrics: MetricRecord) -> tuple[float, float, int, float]:
+    """(noise multiplier, sample rate, steps, epsilon) a client reports of its round: its privacy record.
+    They go into the report as the client's own account; nothing the server aggregates depends on them."""
+    return (_number(metrics, "noise-multiplier"), _number(metrics, "sample-rate"),
+            int(_number(metrics, "steps", count=True)), _number(metrics, "epsilon"))
+
+
+def _number(values: MetricRecord, key: str, count: bool = False) -> float:
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (count and not math.isfinite(value)):
+        raise ValueError(f"'{key}' is {value!r}, not a {'count' if count else 'number'}")
+    return value
+
+
+def _envelope_problem(msg: Message, sampled: list[int], sent: dict[str, int] | None, seen: set[int]) -> str | None:
+    """Why a reply is not this round's answer from a sampled node: not sampled, a node's second
+    reply, or (where the ids of the messages sent are known) a reply to another round's message or
+    to a message sent to another node. None if it is."""
+    node = msg.metadata.src_node_id
+    if node not in sampled:
+        return "the node was not sampled this round"
+    if node in seen:
+        return "duplicate reply: the node already answered this round"
+    if sent is not None:
+        if msg.metadata.reply_to_message_id not in sent:
+            return "reply to a message not sent this round (another round's, or forged)"
+        if sent[msg.metadata.reply_to_message_id] != node:
+            return "reply to a message sent to another node"
+    return None
+
+
+def _unreadable(msg: Message) -> str | None:
+    """Why the server cannot read the reply's records the way the loop reads them, or None.
+
+    A client writes every value in its reply; none may raise in the round loop (a list where a
+    number belongs, a NaN step count, a ledger column that is not a list of numbers)."""
+    content = msg.content
+    if records.PRIVACY not in content.config_records or records.METRICS not in content.metric_records:
+        return "reply lacks privacy or metric records"
+    try:
+        _client_id(msg)
+        metrics = content.metric_records[records.METRICS]
+        if not int(_number(metrics, records.DECLINED, count=True) if records.DECLINED in metrics else 0):
+            _training_numbers(metrics)
+            _ledger_of(msg)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        return f"unreadable reply: {type(exc).__name__} {exc}"
+    return None
+
+
+def _aggregation_reply(msg: Message, weight: float, limits: UpdateLimits, reference: ArrayRecord) -> Message:
+    """``msg`` as the strategy gets it: the checked update, the server's weight, and nothing else the
+    client wrote. Flower's strategies raise on replies whose metric keys differ, weigh by the reply's
+    own metric, and (adaptive client-side clipping) count the reply's own norm bit; here the bit is
+    read off the update."""
+    update = msg.content[records.ARRAYS]
+    metrics = {limits.weight_key: weight}
+    if limits.clipped_to is not None:
+        metrics[KEY_NORM_BIT] = norm_bit(update, reference, limits)
+    msg.content = RecordDict({records.ARRAYS: update, records.METRICS: MetricRecord(metrics),
+                              records.PRIVACY: ConfigRecord({"client-id": _client_id(msg)})})
+    return msg
 
 
 def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: list[int], report: RunReport,
-                  server_round: int, cfg: RunConfig, node_names: dict[int, str], validate_each: bool = True) -> Sorted:
+                  server_round: int, cfg: RunConfig, node_names: dict[int, str], validate_each: bool = True, *,
+                  limits: UpdateLimits, sent: dict[str, int] | None = None) -> Sorted:
     """Record every reply's privacy spend, then keep only well-formed updates for aggregation.
 
-    Under secure aggregation replies carry no update (``validate_each=False``): only the sum is checked.
+    A reply that is not this round's from a sampled node, or that cannot be read, is dropped first
+    (``sent``: the ids of the messages sent and their nodes, where known). An update is accepted
+    within ``limits`` (norm, weight), at the server's weight (see ``_aggregation_reply``). Each reply
+    dropped or corrected gets one log line naming the client and the reason. Under secure
+    aggregation replies carry no update (``validate_each=False``): only the sum is checked.
     """
     replies = list(replies)
     accepted, declined, rejected, reasons = [], [], {}, {}
     answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
     missed = [node_names.get(n, f"node-{n}") for n in sampled if n not in answered]
+    seen: set[int] = set()  # nodes whose reply this round was read
     for msg in replies:
         if msg.has_error():
             log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
             continue
+        node = msg.metadata.src_node_id
+        label = node_names.get(node, f"node-{node}")
+        problem = _envelope_problem(msg, sampled, sent, seen) or _unreadable(msg)
+        if problem:
+            rejected[f"{label} (duplicate)" if node in seen else label] = problem
+            log.warning("round %d: dropped reply of %s: %s", server_round, label, problem)
+            continue
+        seen.add(node)
         try:
             client = _client_id(msg)
             metrics = msg.content[records.METRICS]
@@ -216,33 +298,37 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
             log.warning("round %d: %s declined: %s", server_round, client, reasons[client])
             continue
         # The client trained: its privacy is spent whether or not its update is usable.
-        report.record_training(client, server_round, float(metrics["noise-multiplier"]),
-                               float(metrics["sample-rate"]), int(metrics["steps"]), float(metrics["epsilon"]),
-                               ledger=_ledger_of(msg))
-        problem = None
+        report.record_training(client, server_round, *_training_numbers(metrics), ledger=_ledger_of(msg))
+        problem, weight, correction = None, 1.0, None
         if validate_each:
-            problem = (update_problem(msg.content[records.ARRAYS], reference, _max_norm(cfg, reference, metrics))
-                       if records.ARRAYS in msg.content.array_records else "reply carries no model update")
+            update = msg.content.array_records.get(records.ARRAYS)
+            problem = (update_problem(update, reference, limits.max_norm) if update is not None
+                       else "reply carries no model update")
+            if problem is None:
+                weight, correction = server_weight(metrics, limits)
+                problem = correction if weight is None else None
         if problem:
             rejected[client] = problem
             log.warning("round %d: dropped update of %s: %s", server_round, client, problem)
             continue
-        accepted.append(msg)
+        if correction:
+            log.warning("round %d: weight of %s corrected: %s", server_round, client, correction)
+        accepted.append(_aggregation_reply(msg, weight, limits, reference) if validate_each else msg)
     for name in missed:
         log.warning("round %d: no usable reply from %s", server_round, name)
     return Sorted(accepted, declined, rejected, sorted(missed), reasons)
 
 
 def _aggregate_secure(strategy: Strategy, server_round: int, aggregate: ArrayRecord | None, reference: ArrayRecord,
-                      cfg: RunConfig, replies_sorted: Sorted) -> ArrayRecord | None:
+                      limits: UpdateLimits, replies_sorted: Sorted) -> ArrayRecord | None:
     """Hand the unmasked SecAgg+ average to the strategy as the one reply it aggregates (FedAdam steps on it)."""
     if aggregate is None:
         log.warning("round %d: secure aggregation halted (fewer live clients than its threshold)", server_round)
         return None
     if not replies_sorted.accepted:
         return None  # every client declined: the masked sum carries weight 0
-    steps = max(int(m.content[records.METRICS]["steps"]) for m in replies_sorted.accepted)
-    problem = update_problem(aggregate, reference, _max_norm(cfg, reference, {"steps": steps}))
+    # A weighted mean of updates is no longer than the longest: the per-client bound holds for it.
+    problem = update_problem(aggregate, reference, limits.max_norm)
     if problem:
         log.warning("round %d: dropped the securely aggregated update: %s", server_round, problem)
         return None

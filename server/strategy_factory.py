@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from common import records
 from common.config import RunConfig
 from server.central_dp import wrap_central_dp
+from server.cohort import secret_cohort
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
     """FedAvg, FedProx or FedAdam sampling ``fraction_train`` of clients, at least ``min_clients``,
-    wrapped in Flower's central DP strategy when ``cfg.central_dp`` asks for one.
+    wrapped in Flower's central DP strategy when ``cfg.central_dp`` asks for one (FedAdam then steps on
+    the noisy mean, and aggregators that are not a mean are refused: see ``wrap_central_dp``).
 
     Evaluation is server-side on the held-out test set, so federated evaluation is off. Central DP
     weighs every client equally: its noise is calibrated to the average of m clipped updates.
@@ -30,11 +32,41 @@ def _base_strategy(cfg: RunConfig) -> FedAvg:
         configrecord_key=records.CONFIG,
         train_metrics_aggr_fn=_no_metric_aggregation,
     )
+    # Cohorts from the OS CSPRNG, not Flower's Python `random` (server/cohort.py): amplification needs them secret.
     if cfg.strategy == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+        return secret_cohort(FedProx)(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "fedadam":
-        return FedAdam(eta=cfg.server_learning_rate, **common)
-    return FedAvg(**common)
+        return secret_cohort(FedAdam)(eta=cfg.server_learning_rate, **common)
+    robust = _robust_strategy(cfg, common)
+    if robust is not None:
+        return robust
+    return secret_cohort(FedAvg)(**common)
+
+
+def _robust_strategy(cfg: RunConfig, common: dict) -> FedAvg | None:
+    """Flower's Byzantine-robust rules (``cfg.strategy`` in ``ROBUST_STRATEGIES``), else None.
+
+    What each assumes (RunConfig.validate refuses the settings that break it): FedMedian (Yin et al.
+    2018), the coordinate-wise median, holds while fewer than half the updates are bad; FedTrimmedAvg
+    drops the ``trimmed_beta`` fraction at each end per coordinate, at most that fraction bad; Krum
+    (Blanchard et al. 2017) takes the one update closest to its m-f-2 nearest neighbours, m > 2f+2;
+    MultiKrum averages the m-f best-scored ones; Bulyan (El Mhamdi et al. 2018) takes m-2f by Krum,
+    then the mean of the m-4f values nearest the median per coordinate, m >= 4f+3. All of them need
+    each client's own update (not with secure aggregation), and none is a mean (not with central DP).
+    """
+    f = cfg.malicious_clients()
+    m = cfg.clients_per_round()
+    if cfg.strategy == "fedmedian":
+        return secret_cohort(FedMedian)(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return secret_cohort(FedTrimmedAvg)(beta=cfg.trimmed_beta, **common)
+    if cfg.strategy == "krum":
+        return secret_cohort(Krum)(num_malicious_nodes=f, **common)
+    if cfg.strategy == "multikrum":
+        return secret_cohort(MultiKrum)(num_malicious_nodes=f, num_nodes_to_select=max(1, m - f), **common)
+    if cfg.strategy == "bulyan":
+        return secret_cohort(Bulyan)(num_malicious_nodes=f, **common)
+    return None
 
 
 def _no_metric_aggregation(contents, weighted_by_key):  # noqa: ANN001 - Flower's callback signature
