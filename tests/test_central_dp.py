@@ -12,7 +12,6 @@ import pytest
 from dp_accounting import rdp as dp_rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.privacy_mods import privacy_mods
 from common import records
@@ -32,13 +31,7 @@ from server.strategy_factory import build_strategy
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are built inside a Flower app process, which knows its run and node; stand in for it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def _releases(noise: float, sampled: int, population: int, rounds: int) -> list[dict]:

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import train_for_owner
 from client.ledger import LEDGER_FILE, locked_ledger, load_ledger
@@ -31,12 +30,7 @@ from common.models import model_from_config
 ROUND = RunConfig(model="cnn", local_epochs=1, batch_size=50, noise_multiplier=1.5, learning_rate=0.05)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 @pytest.fixture

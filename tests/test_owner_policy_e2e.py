@@ -37,7 +37,7 @@ def _start_owner(fed: LocalFederation, index: int, state, extra: list[str]) -> C
 ], ids=["no-dp", "too-little-noise"])
 def test_owners_decline_every_round_a_server_weakens(tmp_path, server_asks, reason):
     run_dir = tmp_path / "fed"
-    cfg = RunConfig(num_clients=2, num_rounds=2, min_clients=2, round_timeout=120, run_dir=str(run_dir),
+    cfg = RunConfig(num_clients=2, num_rounds=1, min_clients=2, round_timeout=120, run_dir=str(run_dir),
                     **server_asks).validate()
     states = [tmp_path / f"owner-{i}" for i in range(2)]
     with LocalFederation(cfg, run_dir) as fed:
@@ -50,7 +50,7 @@ def test_owners_decline_every_round_a_server_weakens(tmp_path, server_asks, reas
         assert fed.wait(timeout=500) == 0, fed.server.tail(30)
         time.sleep(1)
     report = json.loads((run_dir / "report.json").read_text())
-    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert [r["round"] for r in report["rounds"]] == [1]
     for r in report["rounds"]:
         assert r["trained"] == [] and r["declined"] == ["client-0", "client-1"]
         assert r["decline_reasons"] == {"client-0": reason, "client-1": reason}
@@ -58,7 +58,7 @@ def test_owners_decline_every_round_a_server_weakens(tmp_path, server_asks, reas
     for state in states:
         ledger = load_ledger(state)
         assert ledger.releases == [], "no update left the owner's machine, so nothing was charged"
-        assert [d.reason for d in ledger.declines] == [reason, reason]
+        assert [d.reason for d in ledger.declines] == [reason]
     for i in range(2):
         log = (run_dir / "logs" / f"client-{i}.log").read_text()
         assert "owner policy: DP required, budget epsilon 10" in log

@@ -37,7 +37,6 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.privacy_mods import _named_records, privacy_mods
 from client.secagg_guard import CLIPPED_VALUES, GUARD_STATE
@@ -53,13 +52,7 @@ SHAPES = {"w": (4, 3), "b": (3,)}
 GLOBAL = {k: np.random.default_rng(0).normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are built inside a Flower app process, which knows its run and node; stand in for it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def update_of(pid: int) -> dict[str, np.ndarray]:
