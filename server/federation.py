@@ -165,14 +165,16 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,
     every message sent, with the node it went to: a reply must answer one of them, from that node."""
     ids = list(grid.push_messages(messages))
     sent = {message_id: m.metadata.dst_node_id for message_id, m in zip(ids, messages)}
-    pending = set(ids)
+    pending = dict(sent)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(pending))
+        got = list(grid.pull_messages(list(pending)))
         if got:
             replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
+            # One message per node: a node that replied (even to the wrong message) is done.
+            done_ids, done_nodes = {m.metadata.reply_to_message_id for m in got}, {m.metadata.src_node_id for m in got}
+            pending = {i: n for i, n in pending.items() if i not in done_ids and n not in done_nodes}
             on_reply(len(replies))
         else:
             time.sleep(0.1)
@@ -191,6 +193,12 @@ def _ledger_of(msg: Message) -> list[dict] | None:
 
 def _client_id(msg: Message) -> str:
     return str(msg.content[records.PRIVACY]["client-id"])
+
+
+def _claimed_id(msg: Message) -> str | None:
+    """The client id a reply claims, to name it in logs, or None if it has none."""
+    privacy = msg.content.config_records.get(records.PRIVACY)
+    return None if privacy is None or "client-id" not in privacy else str(privacy["client-id"])[:100]
 
 
 def _training_numbers(metrics: MetricRecord) -> tuple[float, float, int, float]:
@@ -278,7 +286,7 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
             log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
             continue
         node = msg.metadata.src_node_id
-        label = node_names.get(node, f"node-{node}")
+        label = node_names.get(node) or _claimed_id(msg) or f"node-{node}"
         problem = _envelope_problem(msg, sampled, sent, seen) or _unreadable(msg)
         if problem:
             rejected[f"{label} (duplicate)" if node in seen else label] = problem
