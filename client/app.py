@@ -34,14 +34,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedpriv.client")
 
 
-def build_client_app(policy: OwnerPolicy | None = None) -> ClientApp:
+def build_client_app(policy: OwnerPolicy | None = None, outer_mods: tuple = ()) -> ClientApp:
     """A ClientApp enforcing ``policy``, or, when ``None``, the policy in each node's config.
 
     ``fedpriv simulate`` passes the simulation's own policy (its user owns every simulated data set);
     the module-level :data:`app` (``fedpriv client``, ``flwr run``) reads the node config, where
     ``fedpriv client`` puts its owner's policy, and falls back to the default policy, never to the server.
+    ``outer_mods`` run outside the privacy mods (the framework bench's tracing).
     """
-    client_app = ClientApp(mods=[privacy_mods])  # SecAgg+ and central-DP clipping, when a round asks
+    client_app = ClientApp(mods=[*outer_mods, privacy_mods])  # SecAgg+ and central-DP clipping, when a round asks
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

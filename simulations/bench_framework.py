@@ -166,15 +166,18 @@ def trace_mod(msg, ctxt, call_next):
     return reply
 
 
-def traced_project_app():
-    """The project's ClientApp (same handler and mods) with :func:`trace_mod` outermost."""
-    from flwr.clientapp import ClientApp
+def traced_project_app(policy=None):  # noqa: ANN001, ANN201 - an OwnerPolicy, a ClientApp
+    """The project's ClientApp (same handler, policy and mods) with :func:`trace_mod` outermost."""
+    return (_PROJECT_APP_BUILDER or _project_app_builder())(policy, outer_mods=(trace_mod,))
 
-    from client import app as client_app
 
-    traced = ClientApp(mods=[trace_mod, *client_app.app._mods])
-    traced.train()(client_app.train)
-    return traced
+def _project_app_builder():  # noqa: ANN202
+    from client.app import build_client_app
+
+    return build_client_app
+
+
+_PROJECT_APP_BUILDER = None  # client.app.build_client_app, kept before _child_sim replaces it
 
 
 class _Timeline:
@@ -201,7 +204,9 @@ def _child_sim(spec: dict[str, Any]) -> dict[str, Any]:
 
     marks["imported"] = time.time()
     cfg = RunConfig.from_mapping(spec["config"])
-    client.app.app = traced_project_app()  # simulate() looks the app up at call time
+    global _PROJECT_APP_BUILDER
+    _PROJECT_APP_BUILDER = _project_app_builder()
+    client.app.build_client_app = traced_project_app  # simulate() looks the builder up at call time
     timeline = _Timeline()
     marks["simulate"] = time.time()
     report, run_dir = simulate(cfg, timeline)
