@@ -64,7 +64,7 @@ def test_each_robust_rule_is_flowers_with_the_most_byzantine_clients_it_tolerate
 
 
 # ----------------------------------------------------------------------------- model poisoning
-CLIENTS, POISONERS, ROUNDS = 15, (0, 1, 2), 3  # 3 of 15 poisoners (20 %): Bulyan's 4f+3 <= 15 allows f = 3
+CLIENTS, POISONERS, ROUNDS = 15, (0, 1, 2), 4  # 3 of 15 poisoners (20 %): Bulyan's 4f+3 <= 15 allows f = 3
 
 
 @pytest.fixture
@@ -116,17 +116,18 @@ def _final_accuracy(cfg: RunConfig, poisoners: tuple[int, ...] = POISONERS) -> f
 
 def test_poisoned_federation_fedavg_degrades_and_robust_rules_hold_accuracy(tmp_path, task_identity):
     """3 of 15 clients send sign-flipped or scaled updates inside the norm bound. FedAvg loses the
-    model; FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan (f = 3) keep it close to an
-    unattacked FedAvg run's accuracy (--no-dp: the attack, not DP noise, is what is measured)."""
+    model (chance accuracy, 0.10); FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan (f = 3) keep
+    it near an unattacked FedAvg run's (measured: clean 0.85-0.90, robust rules 0.77-0.92 after 4
+    rounds). --no-dp: the attack, not DP noise, is what is measured."""
     def config(strategy: str, tag: str) -> RunConfig:
-        return RunConfig(num_clients=CLIENTS, num_rounds=ROUNDS, dp=False, strategy=strategy,
+        return RunConfig(num_clients=CLIENTS, num_rounds=ROUNDS, local_epochs=4, dp=False, strategy=strategy,
                          num_malicious=len(POISONERS) if strategy in ROBUST_STRATEGIES else 0,
                          trimmed_beta=0.2, run_dir=str(tmp_path / tag)).validate()
 
     clean = _final_accuracy(config("fedavg", "clean"), poisoners=())
     accuracy = {name: _final_accuracy(config(name, name)) for name in ("fedavg", *ROBUST_STRATEGIES)}
     print(f"clean FedAvg {clean:.3f}; poisoned: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
-    assert clean > 0.8
-    assert accuracy["fedavg"] < 0.4
+    assert clean > 0.75
+    assert accuracy["fedavg"] < 0.3
     for name in ROBUST_STRATEGIES:
-        assert accuracy[name] > clean - 0.15, (name, accuracy[name], clean)
+        assert accuracy[name] > 0.65 and clean - accuracy[name] < 0.25, (name, accuracy[name], clean)

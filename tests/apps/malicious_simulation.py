@@ -13,18 +13,21 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import train as honest_train
+from client.app import build_client_app
+from client.owner_policy import OwnerPolicy
 from common import records
 from common.config import RunConfig
 from server.app import build_server_app
 from simulations.inprocess_backend import run_inprocess
 
 app = ClientApp()
+CFG = RunConfig(num_clients=5, num_rounds=2)
+honest = build_client_app(OwnerPolicy.of_simulation(CFG))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    reply = honest_train(msg, context)
+    reply = honest(message=msg, context=context)
     pid = int(context.node_config["partition-id"])
     if pid > 2:
         return reply
@@ -45,5 +48,5 @@ def train(msg: Message, context: Context) -> Message:
 
 
 if __name__ == "__main__":
-    cfg = RunConfig(num_clients=5, num_rounds=2, run_dir=sys.argv[1]).validate()
+    cfg = RunConfig(**{**CFG.to_dict(), "run_dir": sys.argv[1]}).validate()
     run_inprocess(build_server_app(cfg), app, 5, workers=2)
