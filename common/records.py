@@ -5,7 +5,7 @@ CONFIG = "config"          # ConfigRecord: the run's training config, kebab-case
 METRICS = "metrics"        # MetricRecord: num-examples, train-loss, privacy numbers
 PRIVACY = "privacy"        # ConfigRecord: client id, accountant, decline reason
 
-NUM_EXAMPLES = "num-examples"
+NUM_EXAMPLES = "num-examples"  # the client's own count; the server weighs by it only within its own range
 DECLINED = "declined"
-UNIT_WEIGHT = "unit-weight"  # 1 per client: central DP averages updates with equal weights (sensitivity C/m)
+UNIT_WEIGHT = "unit-weight"  # central DP's equal weights (sensitivity C/m); the server sets 1 itself, whatever a reply says
 SECAGG_CLIPPED = "secagg-clipped"  # values SecAgg+'s quantiser clipped in this reply (client/secagg_guard.py)

@@ -2,7 +2,8 @@
 
 Flower's strategies do the sampling and the aggregation; this loop adds what a private
 federation needs around them: per-client privacy records taken from every reply (including
-clients that declined for budget), dropping malformed updates, server-side evaluation on the
+clients that declined for budget), dropping replies and updates the server cannot vouch for and
+weighing the rest by its own rule (server/update_validation.py), server-side evaluation on the
 held-out test set, and an atomic checkpoint after each round so a restarted server resumes.
 """
 
@@ -215,15 +216,20 @@ def _number(values: MetricRecord, key: str, count: bool = False) -> float:
     return value
 
 
-def _envelope_problem(msg: Message, sampled: list[int], sent: dict[str, int] | None, seen: set[int]) -> str | None:
+def _envelope_problem(msg: Message, sampled: list[int], sent: dict[str, int] | None,
+                      seen: dict[int, str | None]) -> str | None:
     """Why a reply is not this round's answer from a sampled node: not sampled, a node's second
-    reply, or (where the ids of the messages sent are known) a reply to another round's message or
-    to a message sent to another node. None if it is."""
+    reply, a client id another node's reply already claimed (``seen``: node -> claimed id), or (where
+    the ids of the messages sent are known) a reply to another round's message or to a message sent
+    to another node. None if it is."""
     node = msg.metadata.src_node_id
     if node not in sampled:
         return "the node was not sampled this round"
     if node in seen:
         return "duplicate reply: the node already answered this round"
+    claimed = _claimed_id(msg)
+    if claimed is not None and claimed in seen.values():
+        return f"another node already replied as {claimed} this round"
     if sent is not None:
         if msg.metadata.reply_to_message_id not in sent:
             return "reply to a message not sent this round (another round's, or forged)"
@@ -280,19 +286,21 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
     accepted, declined, rejected, reasons = [], [], {}, {}
     answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
     missed = [node_names.get(n, f"node-{n}") for n in sampled if n not in answered]
-    seen: set[int] = set()  # nodes whose reply this round was read
+    seen: dict[int, str | None] = {}  # node -> client id, of the replies read this round
     for msg in replies:
         if msg.has_error():
             log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
             continue
         node = msg.metadata.src_node_id
-        label = node_names.get(node) or _claimed_id(msg) or f"node-{node}"
-        problem = _envelope_problem(msg, sampled, sent, seen) or _unreadable(msg)
+        label = node_names.get(node, f"node-{node}")  # a reply not this round's cannot name itself
+        problem = _envelope_problem(msg, sampled, sent, seen)
+        if problem is None and (problem := _unreadable(msg)):
+            label = node_names.get(node) or _claimed_id(msg) or label
         if problem:
             rejected[f"{label} (duplicate)" if node in seen else label] = problem
             log.warning("round %d: dropped reply of %s: %s", server_round, label, problem)
             continue
-        seen.add(node)
+        seen[node] = _claimed_id(msg)
         try:
             client = _client_id(msg)
             metrics = msg.content[records.METRICS]

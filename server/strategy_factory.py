@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
+                                     Strategy)
 
 from common import records
 from common.config import RunConfig
@@ -11,9 +12,10 @@ from server.cohort import secret_cohort
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
-    """FedAvg, FedProx or FedAdam sampling ``fraction_train`` of clients, at least ``min_clients``,
-    wrapped in Flower's central DP strategy when ``cfg.central_dp`` asks for one (FedAdam then steps on
-    the noisy mean, and aggregators that are not a mean are refused: see ``wrap_central_dp``).
+    """FedAvg, FedProx, FedAdam or a robust rule (``_robust_strategy``) sampling ``fraction_train`` of
+    clients, at least ``min_clients``, wrapped in Flower's central DP strategy when ``cfg.central_dp``
+    asks for one (FedAdam then steps on the noisy mean, and aggregators that are not a mean are
+    refused: see ``wrap_central_dp``).
 
     Evaluation is server-side on the held-out test set, so federated evaluation is off. Central DP
     weighs every client equally: its noise is calibrated to the average of m clipped updates.
@@ -75,5 +77,6 @@ def _no_metric_aggregation(contents, weighted_by_key):  # noqa: ANN001 - Flower'
 
 
 def weight_key(cfg: RunConfig) -> str:
-    """The reply metric FedAvg weighs updates by: examples, or 1 each under central DP."""
+    """The metric FedAvg weighs updates by: examples, or 1 each under central DP. The round loop writes
+    the server's own value there (server/update_validation.server_weight), never the client's."""
     return records.UNIT_WEIGHT if cfg.central_dp != "off" else records.NUM_EXAMPLES

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord
 
 from common.config import RunConfig
 from common.errors import UserInputError
+from server.strategy_factory import weight_key
 
 if TYPE_CHECKING:
     from common.datasets import Dataset
@@ -168,8 +169,6 @@ def update_limits(cfg: RunConfig, num_params: int, client_sizes: tuple[int, int]
                   clipping_norm: float | None = None) -> UpdateLimits:
     """This round's limits. ``clipping_norm`` is the central clipping norm sent to clients this round
     (client-side modes; adaptive clipping changes it every round): their updates must respect it."""
-    from server.strategy_factory import weight_key
-
     max_norm = update_norm_bound(cfg, num_params, client_sizes)
     clipped_to = clipping_norm if cfg.central_dp.startswith("client") else None
     if clipped_to is not None:
@@ -187,7 +186,8 @@ def server_weight(metrics: Any, limits: UpdateLimits) -> tuple[float | None, str
     """
     reported = metrics.get(limits.weight_key) if hasattr(metrics, "get") else None
     if limits.weights is None:
-        return 1.0, None if reported == 1 else f"reported {limits.weight_key} {reported!r} ignored: every update weighs 1"
+        why = f"reported {limits.weight_key} {reported!r} ignored: every update weighs 1"
+        return 1.0, None if reported == 1 else why
     if isinstance(reported, bool) or not isinstance(reported, (int, float)) or not (0 < reported < math.inf):
         return None, f"weight {limits.weight_key}={reported!r} is not a positive number of records"
     low, high = limits.weights

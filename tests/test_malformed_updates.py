@@ -30,7 +30,8 @@ from common.datasets import load_dataset
 from common.models import model_from_config
 from common.partitioning import partition
 from server.app import build_server_app
-from server.update_validation import client_records, update_norm, update_norm_bound, update_problem
+from server.update_validation import (client_records, norm_bit, server_weight, update_limits, update_norm,
+                                      update_norm_bound, update_problem)
 from simulations.inprocess_backend import DirectGrid
 from tests.conftest import ROOT
 
@@ -265,3 +266,25 @@ def test_colluders_claiming_no_weight_cannot_single_out_a_target(tmp_path, task_
     finally:
         grid.shutdown()
     assert shares["target"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_the_server_sets_each_weight_and_reads_the_norm_bit_off_the_update():
+    plain = update_limits(RunConfig().validate(), 10, (100, 200))
+    assert server_weight({records.NUM_EXAMPLES: 150}, plain) == (150.0, None)
+    assert server_weight({records.NUM_EXAMPLES: 10**9}, plain)[0] == 200.0  # capped: the largest client expected
+    assert server_weight({records.NUM_EXAMPLES: 1e-9}, plain)[0] == 100.0  # raised: colluders cannot vanish
+    for forged in (0, -5, math.nan, math.inf, True, "many", [1, 2], None):
+        weight, why = server_weight({records.NUM_EXAMPLES: forged}, plain)
+        assert weight is None and "weight" in why
+    central = update_limits(RunConfig(central_dp="server-fixed").validate(), 10, (100, 200))
+    assert central.weight_key == records.UNIT_WEIGHT
+    assert server_weight({records.UNIT_WEIGHT: 1}, central) == (1.0, None)
+    for forged in (1e-9, -5, math.nan, None):
+        assert server_weight({records.UNIT_WEIGHT: forged}, central)[0] == 1.0
+    # Client-side clipping: the update must be clipped as claimed, and was-it-clipped is read off it.
+    client = update_limits(RunConfig(central_dp="client-adaptive").validate(), 4, (100, 200), clipping_norm=0.5)
+    assert client.max_norm == pytest.approx(0.5005)
+    ref = _record(w=np.zeros(4))
+    assert norm_bit(_record(w=[0.25, 0.25, 0.25, 0.25]), ref, client) == 1  # norm 0.5: clipped
+    assert norm_bit(_record(w=[0.1, 0.0, 0.0, 0.0]), ref, client) == 0
+    assert "norm" in update_problem(_record(w=[1.0, 0.0, 0.0, 0.0]), ref, client.max_norm)
