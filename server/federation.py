@@ -129,7 +129,7 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
             new_arrays = (strategy.aggregate_train(server_round, replies_sorted.accepted)[0]
                           if replies_sorted.accepted else None)
         if new_arrays is not None:
-            arrays = new_arrays
+            arrays = _in_model_dtypes(new_arrays, arrays)
             if cfg.central_dp != "off":
                 report.record_central_release(server_round, release_noise_multiplier(strategy, len(replies_sorted.accepted)),
                                               sampled=len(messages), population=max(population, len(messages)),
@@ -158,6 +158,22 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     save_final_model(run_dir, model.state_dict())
     report.write(run_dir, plots=True)
     return report
+
+
+def _in_model_dtypes(aggregate: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """The aggregate in the global model's own dtypes.
+
+    Server optimisers compute in float64 (Flower's FedAdam returns float64 arrays); the clients' next
+    float32 updates would then all fail the dtype check. Casting the global model is post-processing.
+    """
+    from flwr.app import Array
+
+    out = {}
+    for key in aggregate.keys():
+        array = aggregate[key].numpy()
+        dtype = reference[key].numpy().dtype if key in reference else array.dtype
+        out[key] = Array(array.astype(dtype, copy=False))
+    return ArrayRecord(out)
 
 
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,

@@ -98,3 +98,11 @@ def test_ray_backend_runs_the_same_federation(fedpriv, tmp_path):
     assert len(privacy["clients"]) == 3
     _assert_composed_over_rounds(privacy, [1, 2])
     assert report["rounds"][-1]["metrics"]["accuracy"] > 0.2
+
+
+def test_fedadam_keeps_the_models_dtypes_so_clients_keep_training(fedpriv, tmp_path):
+    """FedAdam's step returned float64 arrays: from round 2 every client's float32 update failed the dtype check."""
+    run_dir = tmp_path / "run"
+    _, report = _simulate(fedpriv, run_dir, "--strategy", "fedadam", "--num-clients", "3", "--num-rounds", "2")
+    for r in report["rounds"]:
+        assert r["trained"] == ["client-0", "client-1", "client-2"] and r["rejected"] == {}, r
