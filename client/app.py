@@ -94,7 +94,8 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
     run = policy.resolve(asked)
     ledger.policy = asdict(policy)
     spent = ledger.epsilon(policy.delta, policy.accountant)
-    reason = policy.refusal(asked, len(data.x))
+    num_classes, reason = _fit_to_run(msg, data)
+    reason = reason or policy.refusal(asked, len(data.x))
     if reason is None and run.dp:
         planned = ledger.epsilon_if(policy.planned(run, len(data.x)), policy.delta, policy.accountant)
         if policy.over_budget(planned):
@@ -108,7 +109,7 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
 
     if "partition-id" in context.node_config:  # simulated clients share the machine's cores
         torch.set_num_threads(max(1, int(run.client_cpus)))
-    model = model_from_config(run, data.input_shape, data.num_classes)
+    model = model_from_config(run, data.input_shape, num_classes)
     model.load_state_dict(msg.content[records.ARRAYS].to_torch_state_dict())
     result = train_round(model, data.x, data.y, run, ledger.history())
     epsilon = math.inf if result.mechanism is None else ledger.epsilon_if(result.mechanism, policy.delta,
@@ -141,6 +142,25 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
     content = RecordDict({records.ARRAYS: ArrayRecord(result.state_dict), records.METRICS: metrics,
                           records.PRIVACY: privacy})
     return Message(content, reply_to=msg)
+
+
+def _fit_to_run(msg: Message, data) -> tuple[int, str | None]:  # noqa: ANN001 - client.local_data.LocalData
+    """The classes to build the model with, and why this owner's records cannot train in this run (or None).
+
+    The run declares its classes and input shape (servers before this did not: then the data's own).
+    An owner whose data lacks some classes trains the run's full model; labels beyond the run's
+    classes, or records of another shape, are declined with the reason before any training.
+    """
+    config = msg.content[records.CONFIG]
+    classes = int(config[records.RUN_CLASSES]) if records.RUN_CLASSES in config else data.num_classes
+    shape = tuple(int(d) for d in config[records.RUN_INPUT_SHAPE]) if records.RUN_INPUT_SHAPE in config else None
+    if shape is not None and shape != tuple(data.input_shape):
+        return classes, (f"this owner's records have shape {tuple(data.input_shape)}, but the run's model takes "
+                         f"{shape}")
+    if data.y is not None and classes and int(data.y.max()) >= classes:
+        return classes, (f"this owner's labels go up to {int(data.y.max())}, but the run's model has {classes} classes "
+                         f"(0..{classes - 1})")
+    return classes, None
 
 
 def _ledger_columns(ledger: OwnerLedger) -> dict:

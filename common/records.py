@@ -9,3 +9,5 @@ NUM_EXAMPLES = "num-examples"  # the client's own count; the server weighs by it
 DECLINED = "declined"
 UNIT_WEIGHT = "unit-weight"  # central DP's equal weights (sensitivity C/m); the server sets 1 itself, whatever a reply says
 SECAGG_CLIPPED = "secagg-clipped"  # values SecAgg+'s quantiser clipped in this reply (client/secagg_guard.py)
+RUN_CLASSES = "run-num-classes"          # in CONFIG: the global model's classes (0 for the autoencoder)
+RUN_INPUT_SHAPE = "run-input-shape"      # in CONFIG: the global model's input shape, channels first

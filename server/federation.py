@@ -104,8 +104,11 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     arrays = ArrayRecord(model.state_dict())
     node_names: dict[int, str] = {}  # Flower node id -> client id, learnt from replies
     # The run uid (kept across server restarts) labels the clients' ledger entries of this run.
+    # The run declares its model's classes and input shape, so an owner whose data lacks a class still
+    # builds the global model's shape, and one whose records do not fit declines with the reason.
     train_config = ConfigRecord({**cfg.to_dict(kebab=True), "run-dir": str(run_dir.resolve()),
-                                 "run-uid": str(report.run["uid"])})
+                                 "run-uid": str(report.run["uid"]), records.RUN_CLASSES: int(data.num_classes),
+                                 records.RUN_INPUT_SHAPE: [int(d) for d in data.input_shape]})
 
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.monotonic()

@@ -297,3 +297,24 @@ def test_noise_and_sampling_streams_are_independent(monkeypatch):
     rebuilt = torch.Generator().manual_seed(sampler_seed)
     reference = torch.Generator().manual_seed(noise_seed)
     assert not torch.equal(torch.randn(100, generator=rebuilt), torch.randn(100, generator=reference))
+
+
+# ------------------------------------------------------------------ the run's model, the owner's data
+def test_owner_missing_a_class_still_trains_the_runs_model(owner):
+    """Labels 0..8 only, in a run of 10 classes: before, the model was built with 9 outputs and loading
+    the global weights crashed the ClientApp (size mismatch), so the server saw only a missed round."""
+    with np.load(owner.data) as old:
+        x, y = old["x"], old["y"]
+    np.savez(owner.data, x=x, y=np.minimum(y, 8))
+    reply = owner.round(ROUND, extra={records.RUN_CLASSES: 10, records.RUN_INPUT_SHAPE: [1, 8, 8]})
+    assert records.ARRAYS in reply.content.array_records
+    assert reply.content[records.ARRAYS]["classifier.3.weight"].shape[0] == 10
+
+
+@pytest.mark.parametrize("declared, reason", [
+    ({records.RUN_CLASSES: 5, records.RUN_INPUT_SHAPE: [1, 8, 8]}, "labels go up to 9, but the run's model has 5"),
+    ({records.RUN_CLASSES: 10, records.RUN_INPUT_SHAPE: [1, 28, 28]}, "have shape (1, 8, 8), but the run's model takes"),
+], ids=["labels-beyond-the-run", "other-shape"])
+def test_records_that_do_not_fit_the_run_are_declined_with_the_reason(owner, declared, reason):
+    assert reason in _declined(owner.round(ROUND, extra=declared))
+    assert load_ledger(owner.state).releases == []
