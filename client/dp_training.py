@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.batch_sampling import fixed_partition_loader
 from client.grad_sample_modes import make_private, resolve
-from client.secure_noise import make_secure
 from common.config import RunConfig
 from common.evaluation import task_loss
 from common.privacy import Mechanism, epsilon_for, round_mechanism
@@ -107,7 +106,8 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
     engine = None
     if cfg.dp:
         model.train()  # Opacus refuses to wrap a model in eval mode
-        # Opacus' own secure mode needs torchcsprng (no build for current torch); see client/secure_noise.py.
+        # Opacus' own secure mode needs torchcsprng (no build for current torch): secure mode is the
+        # project's CSPRNG noise and sampling, built in by make_private (client/secure_noise.py).
         engine = PrivacyEngine(accountant="rdp", secure_mode=False)  # its accountant is not used: see mechanism
         if cfg.poisson_sampling:
             loader = DataLoader(dataset, batch_size=cfg.batch_size, generator=rng.sampler)
@@ -117,10 +117,9 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
             engine, model=model, optimizer=optimizer, criterion=criterion, loader=loader,
             mode=resolve(cfg.grad_sample_mode, cfg.model, model), noise_multiplier=cfg.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm, poisson_sampling=cfg.poisson_sampling, noise_generator=rng.noise,
+            secure_mode=cfg.secure_mode,  # CSPRNG noise and Poisson sampling
         )
         train_model, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
-        if cfg.secure_mode:
-            make_secure(optimizer, loader)  # CSPRNG noise and Poisson sampling
     else:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=rng.sampler)
         train_model = model

@@ -257,7 +257,6 @@ def released_scores(mode: str, noise_multiplier: float, trials: int, *, max_grad
 
     from client.dp_training import train_step
     from client.grad_sample_modes import make_private
-    from client.secure_noise import make_secure
 
     batches = round(1 / sample_rate)
     data_seed, sampler_seed, noise_seed = np.random.SeedSequence(seed).generate_state(3)
@@ -273,10 +272,9 @@ def released_scores(mode: str, noise_multiplier: float, trials: int, *, max_grad
                               generator=torch.Generator().manual_seed(int(sampler_seed))),
             mode=mode, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             poisson_sampling=batches > 1, noise_generator=torch.Generator().manual_seed(int(noise_seed)),
+            secure_mode=secure_mode,
         )
         optimizer = private.optimizer
-        if secure_mode:
-            make_secure(optimizer, private.loader)
         if noise_scale != 1.0:  # the deliberate bug: less (or more) noise than claimed, unknown to the theory
             optimizer.noise_multiplier = noise_multiplier * noise_scale
             if hasattr(optimizer, "_adjusted_noise_multiplier"):

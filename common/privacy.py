@@ -10,6 +10,13 @@ entry per round it released an update for, with the mechanism's parameters and s
 always recomputed from the whole history, so it composes over every local step of every round,
 across runs and restarts. :func:`round_mechanism` says which history entry one round adds, for
 both batch-sampling schemes the clients run.
+
+Opacus is left as it was (tests/test_opacus_untouched.py): :class:`ComposedGdpAccountant` is the
+project's own, built by :func:`make_accountant`, and never registered with Opacus. Registering it
+(``register_accountant("gdp", ..., force=True)``) would replace Opacus' ``GaussianAccountant``
+behind ``PrivacyEngine(accountant="gdp")`` for every other user of Opacus in the process. No
+project code needs that: the clients' ledger is computed by :func:`epsilon_for`, not by the
+accountant of their ``PrivacyEngine``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from functools import lru_cache
 from typing import Iterable
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant, register_accountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy import optimize
@@ -54,7 +61,11 @@ def round_mechanism(noise_multiplier: float, num_examples: int, batch_size: int,
 
 
 def make_accountant(name: str) -> IAccountant:
-    """An empty Opacus accountant by its short name (``gdp`` is :class:`ComposedGdpAccountant`)."""
+    """An empty accountant by its short name: Opacus' RDP and PRV, the project's :class:`ComposedGdpAccountant`.
+
+    The project's way to an accountant by name: Opacus' ``create_accountant("gdp")`` stays Opacus'
+    own ``GaussianAccountant`` (the project registers nothing with Opacus).
+    """
     check_accountant(name)
     return {"rdp": RDPAccountant, "prv": PRVAccountant, "gdp": ComposedGdpAccountant}[name]()
 
@@ -155,9 +166,10 @@ def _gdp_epsilon(mu: float, delta: float) -> float:
 class ComposedGdpAccountant(IAccountant):
     """Opacus' GDP accounting (CLT, Poisson sampling) over a history of different mechanisms.
 
-    Registered with Opacus as ``gdp``, so ``PrivacyEngine(accountant="gdp")`` records every
-    (noise, rate) change like the RDP and PRV accountants do, instead of raising or dropping the
-    rounds before the current one as Opacus' ``GaussianAccountant`` does.
+    It records every (noise, rate) change like the RDP and PRV accountants do, instead of raising
+    or dropping the rounds before the current one as Opacus' ``GaussianAccountant`` does. Built by
+    :func:`make_accountant` and handed to whatever needs it as an object; deliberately not
+    registered with Opacus (see the module docstring).
     """
 
     def __init__(self) -> None:
@@ -174,9 +186,6 @@ class ComposedGdpAccountant(IAccountant):
     @classmethod
     def mechanism(cls) -> str:
         return "gdp"
-
-
-register_accountant("gdp", ComposedGdpAccountant, force=True)
 
 
 def data_fingerprint(*arrays) -> str:

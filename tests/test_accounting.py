@@ -243,9 +243,10 @@ def test_gdp_composes_a_heterogeneous_history():
         opacus.step(noise_multiplier=3.0, sample_rate=0.1)
 
 
-def test_gdp_accountant_is_what_opacus_builds_and_records_every_change():
-    engine = PrivacyEngine(accountant="gdp")
-    accountant = engine.accountant
+def test_gdp_accountant_is_what_make_accountant_builds_and_records_every_change():
+    """The project's gdp comes from make_accountant; Opacus' own "gdp" stays its GaussianAccountant."""
+    assert type(PrivacyEngine(accountant="gdp").accountant) is OpacusGDP  # nothing registered with Opacus
+    accountant = make_accountant("gdp")
     assert isinstance(accountant, ComposedGdpAccountant) and isinstance(make_accountant("gdp"), ComposedGdpAccountant)
     accountant.history = [(1.0, 0.1, 10)]
     accountant.step(noise_multiplier=1.0, sample_rate=0.1)
@@ -312,7 +313,7 @@ def test_three_rounds_compose_to_one_long_run(client_data, accountant, reference
 
 
 def test_rounds_with_different_noise_compose_under_gdp(client_data):
-    """Through Opacus' PrivacyEngine: a noise change between rounds neither raises nor drops a round."""
+    """Through train_round and the ledger: a noise change between rounds neither raises nor drops a round."""
     history, results = _rounds(client_data, "gdp", [1.0, 2.0])
     assert [h[0] for h in history] == [1.0, 2.0]
     assert results[-1].epsilon == pytest.approx(epsilon_for(history, DELTA, "gdp"), rel=1e-9)

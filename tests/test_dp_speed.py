@@ -120,17 +120,13 @@ def test_bookkeeping_empty_poisson_batch_is_a_noise_only_step(family, shape, cla
 @pytest.mark.parametrize("mode", ["bookkeeping", "hooks"])
 def test_noise_has_opacus_scale_sigma_c_over_expected_batch(mode, secure):
     """A noise-only step: every gradient entry is N(0, (sigma C / B)^2), as Opacus specifies."""
-    from client.secure_noise import make_secure
-
     sigma, clip, batch = 2.0, 1.5, 16
     model = nn.Sequential(nn.Linear(400, 100))
     loader = DataLoader(TensorDataset(torch.zeros(4 * batch, 400), torch.zeros(4 * batch, 100)), batch_size=batch)
     private = make_private(PrivacyEngine(accountant="rdp"), model=model,
                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.MSELoss(),
                            loader=loader, mode=mode, noise_multiplier=sigma, max_grad_norm=clip,
-                           poisson_sampling=True)
-    if secure:
-        make_secure(private.optimizer, private.loader)
+                           poisson_sampling=True, secure_mode=secure)
     private.optimizer.zero_grad()
     private.criterion(private.model(torch.zeros(0, 400)), torch.zeros(0, 100)).backward()
     assert private.optimizer.pre_step()
