@@ -24,7 +24,7 @@ from pathlib import Path
 from common.errors import UserInputError
 from client.ledger import load_ledger
 from client.owner_policy import OwnerPolicy
-from simulations.processes import descendants, die_with_parent, venv_env
+from common.processes import descendants, die_with_parent, venv_env
 
 
 @dataclass(frozen=True)

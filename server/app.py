@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from server.federation import RoundObserver, run_federation
 from server.run_dir import resolve_run_dir
-from simulations.preflight import preflight
+from server.preflight import preflight
 
 
 def build_server_app(cfg: RunConfig, observer: RoundObserver | None = None) -> ServerApp:

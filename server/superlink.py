@@ -30,7 +30,7 @@ from typing import Callable
 
 from common.config import RunConfig
 from common.errors import UserInputError
-from simulations.processes import Child, port_in_use, venv_env, wait_for_port
+from common.processes import Child, port_in_use, venv_env, wait_for_port
 
 CONNECTION = "fedpriv"
 OPERATOR_HOST = "127.0.0.1"  # the Control and Runtime APIs listen here only

@@ -2,7 +2,6 @@
 
 
 import inspect
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,49 +12,12 @@ import typer
 from common.config import RunConfig
 from common.errors import UserInputError
 from client.owner_policy import DEFAULT_BUDGET, DEFAULT_DELTA, DEFAULT_MIN_NOISE
-from simulations.bench import bench_app
+from simulations.bench.app import bench_app
+from simulations.command import EXIT_USER_ERROR, fail, fast_exit, guarded  # noqa: F401 - EXIT_USER_ERROR re-exported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated learning with differential privacy: Flower + Opacus.")
 app.add_typer(bench_app, name="bench")
-
-EXIT_USER_ERROR = 2
-
-
-def fail(message: str) -> None:
-    """Print one clear line and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(EXIT_USER_ERROR)
-
-
-def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one line; an unexpected crash into one line plus where to look."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except UserInputError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:  # noqa: BLE001 - last resort: still one line, never a traceback
-            from simulations.simulate import FederationFailed
-
-            if isinstance(exc, FederationFailed):
-                fail(str(exc))
-            typer.echo(f"error: unexpected {exc.__class__.__name__}: {exc} (set FEDPRIV_DEBUG=1 for details)", err=True)
-            if os.environ.get("FEDPRIV_DEBUG"):
-                raise
-            raise typer.Exit(1)
-
-    wrapper.__name__ = func.__name__
-    wrapper.__doc__ = func.__doc__
-    wrapper.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
-    return wrapper
-
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Expose every ``RunConfig`` field as a ``--kebab-case`` option and pass a ``RunConfig`` on.
@@ -97,7 +59,7 @@ def simulate(cfg: RunConfig) -> None:
     from simulations.simulate import simulate as run_simulation
 
     if cfg.dp and cfg.target_epsilon > 0:  # derive the noise now, to show it; simulate's own preflight reuses it
-        from simulations.preflight import preflight
+        from server.preflight import preflight
 
         preflight(cfg)
         console.print(f"noise multiplier {cfg.noise_multiplier:.4g} derived for target epsilon {cfg.target_epsilon:g}")
@@ -273,8 +235,8 @@ def server(
     from server.superlink import OPERATOR_HOST, ServerTLS, SuperLink, check_bind
     from server.run_dir import resolve_run_dir
     from simulations.console import ReportWatcher, console, results_table
-    from simulations.preflight import preflight
-    from simulations.processes import install_signal_handlers
+    from server.preflight import preflight
+    from common.processes import install_signal_handlers
 
     if certs is None and not insecure:
         fail("--certs is required (make them with 'fedpriv certs'); --insecure is for loopback tests only")
@@ -352,7 +314,7 @@ def client(
     from client.ledger import client_lock
     from client.owner_policy import OwnerPolicy
     from client.supernode import ClientSpec, parse_server, preflight, run_supernode, supernode_argv
-    from simulations.processes import free_port
+    from common.processes import free_port
 
     if not insecure and (ca is None or key is None):
         fail("--ca and --key are required (from 'fedpriv certs'); --insecure is for loopback tests only")
@@ -433,8 +395,8 @@ def federation(cfg: RunConfig) -> None:
     from server.run_dir import resolve_run_dir
     from simulations.console import ReportWatcher, console, results_table
     from simulations.federation import LocalFederation
-    from simulations.preflight import preflight
-    from simulations.processes import install_signal_handlers
+    from server.preflight import preflight
+    from common.processes import install_signal_handlers
 
     preflight(cfg)
     run_dir = resolve_run_dir(cfg)
@@ -457,18 +419,6 @@ def main() -> None:
         app()
     finally:
         fast_exit()
-
-
-def fast_exit() -> None:
-    """Skip the interpreter's final garbage collection over PyTorch's, Opacus' and Flower's objects.
-
-    Measured on 2 cores: 1.4 s of the 1.7 s that exiting costs after a simulation. ``gc.freeze``
-    moves every live object to a generation the collector ignores; files, logs and atexit handlers
-    are still closed and run as usual.
-    """
-    import gc
-
-    gc.freeze()
 
 
 if __name__ == "__main__":

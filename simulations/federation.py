@@ -15,7 +15,7 @@ from typing import Callable
 from common.certificates import make_certificates
 from common.config import RunConfig
 from common.errors import UserInputError
-from simulations.processes import Child, free_port, venv_env, wait_for_port
+from common.processes import Child, free_port, venv_env, wait_for_port
 
 CLI = [sys.executable, "-m", "simulations.cli"]
 SERVER_READY = "server listening on"  # `fedpriv server` prints it once every client key is registered

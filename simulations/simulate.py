@@ -13,7 +13,7 @@ from common.config import RunConfig
 from server.federation import RoundObserver
 from server.report import RunReport
 from server.run_dir import resolve_run_dir
-from simulations.preflight import preflight
+from server.preflight import preflight
 
 
 # What the ClientApp imports on its first training message; loaded before forking simulation workers.

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from common.config import RunConfig
-from simulations.bench_quality import (RECIPES, Recipe, Run, command_line, markdown_table, planned, run_options,
-                                       verdict, write_results)
+from simulations.bench.quality import (RECIPES, Recipe, Run, command_line, markdown_table, planned, run_options,
+                                        verdict, write_results)
 
 
 def _run(recipe: str, epsilon: float, value: float, max_epsilon: float, metric: str = "accuracy") -> Run:

@@ -23,7 +23,7 @@ from common.errors import UserInputError
 from common.partitioning import partition
 from common.privacy import RDP_ORDERS
 from simulations.cli import app
-from simulations.preflight import preflight
+from server.preflight import preflight
 
 DELTA = 1e-5
 # A client with 1000 records, batches of 50 (q = 0.05, 20 steps per epoch), 5 rounds of 1 epoch:

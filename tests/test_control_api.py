@@ -24,7 +24,7 @@ import pytest
 from common.certificates import make_certificates
 from common.config import RunConfig
 from simulations.federation import CLI, SERVER_READY, config_flags
-from simulations.processes import Child, free_port, venv_env
+from common.processes import Child, free_port, venv_env
 
 pytestmark = pytest.mark.e2e
 

@@ -124,7 +124,7 @@ def test_unregistered_and_plaintext_clients_are_refused(fedpriv, tmp_path):
     with LocalFederation(cfg, run_dir) as fed:
         fed.make_certs()
         fed.start_server()
-        from simulations.processes import wait_for_port
+        from common.processes import wait_for_port
 
         assert wait_for_port("127.0.0.1", fed.port, 120, fed.server), fed.server.tail(20)
         time.sleep(5)  # let the server register its client keys

@@ -15,7 +15,7 @@ import pytest
 from client.ledger import load_ledger
 from common.config import RunConfig
 from simulations.federation import CLI, LocalFederation
-from simulations.processes import Child, venv_env, wait_for_port
+from common.processes import Child, venv_env, wait_for_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

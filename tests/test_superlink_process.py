@@ -37,7 +37,7 @@ from common.certificates import make_certificates  # noqa: E402
 from common.errors import UserInputError  # noqa: E402
 from server.superlink import ServerTLS, check_bind  # noqa: E402
 from server.superlink_process import FleetOnlyElsewhere, pop_fleet_address  # noqa: E402
-from simulations.processes import free_port  # noqa: E402
+from common.processes import free_port  # noqa: E402
 
 OPERATOR = ("127.0.0.1", 9093)
 

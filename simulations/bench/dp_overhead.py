@@ -1,6 +1,6 @@
-"""``fedpriv bench``: measurements that back design choices (first: the cost of DP-SGD).
+"""``fedpriv bench dp-overhead``: the cost of DP-SGD per training step.
 
-``dp-overhead`` times one training step of each model with and without DP, for every
+It times one training step of each model with and without DP, for every
 per-sample-gradient mode, interleaved step by step in one process (median per mode), so that a
 machine busy with other work slows every mode alike and the ratios stay meaningful. The step is
 ``client.dp_training.train_step``, the one local training runs; inputs are random tensors of each
@@ -23,8 +23,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Benchmarks: how fast private training runs here.")
+from simulations.command import guarded
 
 NO_DP = "no DP"
 
@@ -164,7 +163,6 @@ def overhead_table(rows: list[Row], *, batch: int, threads: int, load: str = "")
     return table
 
 
-@bench_app.command("dp-overhead")
 def dp_overhead(
     threads: Annotated[int, typer.Option("--threads", help="PyTorch intra-op threads (the reference: 2 cores). On a machine busy with other work, multi-threaded timings swing wildly: use 1, or OMP_WAIT_POLICY=PASSIVE.")] = 2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step, the same for every row.")] = 128,
@@ -178,8 +176,6 @@ def dp_overhead(
 
     Example: fedpriv bench dp-overhead --threads 1 --batch-size 64
     """
-    from simulations.cli import guarded
-
     guarded(_dp_overhead)(threads, batch_size, steps, seconds, warmup, models, modes)
 
 
@@ -228,8 +224,3 @@ def _load_average() -> str:
         return f"{os.getloadavg()[0]:.1f}"
     except OSError:
         return "?"
-
-
-# Framework, scale, deployment and peer benches live in their own module and register on bench_app.
-from simulations import bench_framework  # noqa: E402,F401
-from simulations import bench_quality  # noqa: E402,F401  - `fedpriv bench quality`: accuracy under DP

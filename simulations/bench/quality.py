@@ -4,8 +4,9 @@ Each recipe is one ``fedpriv simulate`` command line (the README's quality table
 run with DP at its target epsilon (``--target-epsilon`` derives the noise so the worst-case
 client ends at most there), again at smaller epsilons for the accuracy-vs-epsilon plot, and once
 with ``--no-dp`` for the price of privacy. Every run is a fresh ``python -m simulations.cli``
-process, so its wall time is what a user waits, start-up included. The numbers read back are
-the final round's server-side test metric and the run report's max per-client epsilon.
+process (started by the shared runner, :func:`simulations.bench.runner.run_process`), so its wall
+time is what a user waits, start-up included. The numbers read back are the final round's
+server-side test metric and the run report's max per-client epsilon.
 
 Output folder: ``quality.md`` (the table), ``quality.json`` (every run, with its per-round
 curve), ``quality.png`` (accuracy or MSE against epsilon) and ``runs/<run>/`` (each run folder).
@@ -26,9 +27,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from simulations.bench import bench_app
+from simulations.bench.runner import ROOT, run_process
+from simulations.command import guarded
 
-ROOT = Path(__file__).resolve().parents[1]
 NON_PRIVATE = math.inf  # the epsilon of a --no-dp run
 
 
@@ -164,14 +165,12 @@ def run_recipe(recipe: Recipe, epsilon: float, out: Path, *, quick: bool, timeou
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
     log_path = out / "logs" / f"{label}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        try:
-            code = subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            raise UserInputError(f"bench quality: {label} did not finish within {timeout:.0f} s; see {log_path}") from None
-    wall = time.perf_counter() - started
+    try:
+        done = run_process([sys.executable, "-m", "simulations.cli", *args], log_path, env=env, timeout=timeout,
+                           memory=False)
+    except subprocess.TimeoutExpired:
+        raise UserInputError(f"bench quality: {label} did not finish within {timeout:.0f} s; see {log_path}") from None
+    code, wall = done.code, done.wall_s
     if code != 0:
         tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-2:])
         raise UserInputError(f"bench quality: {label} failed (exit {code}): {tail}; see {log_path}")
@@ -284,7 +283,6 @@ def planned(recipes: list[Recipe], *, sweep: bool, quick: bool,
     return plan
 
 
-@bench_app.command("quality")
 def quality(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/bench-quality-<time>).")] = None,
     recipes: Annotated[Optional[list[str]], typer.Option("--recipe", help="Only this recipe (repeat for several): " + ", ".join(r.key for r in RECIPES) + ".")] = None,
@@ -298,8 +296,6 @@ def quality(
     Writes quality.md (table), quality.json and quality.png (accuracy vs epsilon) to --out.
     Example: fedpriv bench quality --recipe cnn-iid --no-sweep
     """
-    from simulations.cli import guarded
-
     guarded(_quality)(out, recipes, sweep, quick, timeout, parts)
 
 
