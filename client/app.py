@@ -154,6 +154,10 @@ def _fit_to_run(msg: Message, data) -> tuple[int, str | None]:  # noqa: ANN001 -
     config = msg.content[records.CONFIG]
     classes = int(config[records.RUN_CLASSES]) if records.RUN_CLASSES in config else data.num_classes
     shape = tuple(int(d) for d in config[records.RUN_INPUT_SHAPE]) if records.RUN_INPUT_SHAPE in config else None
+    from common.datasets import MAX_CLASSES
+
+    if not 0 <= classes <= MAX_CLASSES:  # the owner's machine builds this model: never a server-sized allocation
+        return data.num_classes, f"the run declares {classes} classes; this client builds at most {MAX_CLASSES}"
     if shape is not None and shape != tuple(data.input_shape):
         return classes, (f"this owner's records have shape {tuple(data.input_shape)}, but the run's model takes "
                          f"{shape}")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic_io import read_json, write_json
-from common.errors import UserInputError
+from common.errors import PrivacyPolicyError
 from common.privacy import Mechanism, epsilon_for
 
 LEDGER_FILE = "ledger.json"
@@ -42,11 +42,11 @@ LEDGER_VERSION = 2
 SAMPLINGS = ("poisson", "fixed", "none")  # "none": released without DP (only if the owner allowed it)
 
 
-class LedgerError(UserInputError):
+class LedgerError(PrivacyPolicyError):
     """A ledger that cannot be used as it is: damaged, foreign, or of an unknown version."""
 
 
-class StateDirBusy(UserInputError):
+class StateDirBusy(PrivacyPolicyError):
     """Another round, or another ``fedpriv client``, holds this state folder."""
 
 

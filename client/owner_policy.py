@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from common.config import DECISION_ACCOUNTANTS, RunConfig
-from common.errors import UserInputError
+from common.errors import PrivacyPolicyError
 
 Mechanism = tuple[float, float, int]  # common.privacy's (noise, rate, steps); imported lazily: it loads Opacus
 
@@ -63,14 +63,14 @@ class OwnerPolicy:
     def validate(self) -> "OwnerPolicy":
         """One-line errors for a policy that cannot be enforced; returns self."""
         if self.accountant not in DECISION_ACCOUNTANTS:
-            raise UserInputError(f"--accountant '{self.accountant}' cannot decide an owner's budget; choose "
+            raise PrivacyPolicyError(f"--accountant '{self.accountant}' cannot decide an owner's budget; choose "
                                  f"{' or '.join(DECISION_ACCOUNTANTS)} (gdp is an approximation, not an upper bound)")
         if not 0.0 < self.delta < 1.0:
-            raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
+            raise PrivacyPolicyError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
         if not (self.min_noise_multiplier >= 0 and math.isfinite(self.min_noise_multiplier)):
-            raise UserInputError(f"--min-noise-multiplier must be >= 0 (got {self.min_noise_multiplier})")
+            raise PrivacyPolicyError(f"--min-noise-multiplier must be >= 0 (got {self.min_noise_multiplier})")
         if not self.budget_epsilon > 0:  # NaN fails too
-            raise UserInputError(f"--budget-epsilon must be > 0, or 'inf' for no budget (got {self.budget_epsilon})")
+            raise PrivacyPolicyError(f"--budget-epsilon must be > 0, or 'inf' for no budget (got {self.budget_epsilon})")
         return self
 
     # ------------------------------------------------------------- transport
@@ -163,5 +163,5 @@ def _typed(values: dict[str, Any]) -> dict[str, Any]:
             else:
                 out[name] = float(value)
         except (TypeError, ValueError):
-            raise UserInputError(f"node config {NODE_CONFIG_KEYS[name]}={value!r} is not valid") from None
+            raise PrivacyPolicyError(f"node config {NODE_CONFIG_KEYS[name]}={value!r} is not valid") from None
     return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from common.config import check_port
 from common.errors import UserInputError
 from client.ledger import load_ledger
 from client.owner_policy import OwnerPolicy
@@ -71,9 +72,15 @@ def _partition(data: str) -> tuple[int, int]:
 
 
 def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
-    """Fail fast, with one line, on anything that would make the SuperNode useless."""
+    """Fail fast, with one line, on anything that would make the SuperNode useless.
+
+    Each refusal is a one-line :class:`~common.errors.FedprivError`: ``spec.local_port`` outside
+    1..65535 a :class:`~common.errors.ConfigError`, the policy a ``PrivacyPolicyError``, the data a
+    ``DataError``, an unreachable server or bad keys a plain ``FedprivError``.
+    """
     from common.certificates import check_key_pair, load_certificate, load_openssh_private_key
 
+    check_port("local-port", spec.local_port)
     spec.policy.validate()
     if spec.data.startswith("npz:"):
         path = Path(spec.data[4:]).expanduser()

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from common.errors import UserInputError
+from common.errors import ConfigError
 
 MODELS = ("cnn", "rnn", "autoencoder")
 BUILTIN_DATASETS = ("digits", "mnist1d")
@@ -96,7 +96,7 @@ class RunConfig:
             if name not in known:
                 if ignore_unknown:
                     continue
-                raise UserInputError(f"unknown config key '{key}'; valid keys: {', '.join(k.replace('_', '-') for k in known)}")
+                raise ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(k.replace('_', '-') for k in known)}")
             kwargs[name] = _coerce(name, known[name].type, value)
         return cls(**kwargs)
 
@@ -110,7 +110,7 @@ class RunConfig:
         """Check every option alone; data-dependent checks live with the data. Returns self."""
         check_choice("model", self.model, MODELS)
         if not (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("npz:")):
-            raise UserInputError(
+            raise ConfigError(
                 f"--dataset '{self.dataset}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz"
             )
         check_choice("partitioning", self.partitioning, PARTITIONINGS)
@@ -127,55 +127,55 @@ class RunConfig:
         _positive_int("rnn-layers", self.rnn_layers)
         _positive_int("encoding-dim", self.encoding_dim)
         if self.mnist1d_samples < 100:
-            raise UserInputError(f"--mnist1d-samples must be >= 100 (got {self.mnist1d_samples})")
+            raise ConfigError(f"--mnist1d-samples must be >= 100 (got {self.mnist1d_samples})")
         if self.min_clients > self.num_clients:
-            raise UserInputError(
+            raise ConfigError(
                 f"--min-clients ({self.min_clients}) exceeds --num-clients ({self.num_clients}); lower it or add clients"
             )
         if not 0.0 < self.fraction_train <= 1.0:
-            raise UserInputError(f"--fraction-train must be in (0, 1] (got {self.fraction_train})")
+            raise ConfigError(f"--fraction-train must be in (0, 1] (got {self.fraction_train})")
         if not 0.0 < self.test_fraction < 1.0:
-            raise UserInputError(f"--test-fraction must be in (0, 1) (got {self.test_fraction})")
+            raise ConfigError(f"--test-fraction must be in (0, 1) (got {self.test_fraction})")
         _positive_float("dirichlet-alpha", self.dirichlet_alpha)
         _positive_float("learning-rate", self.learning_rate)
         _positive_float("client-cpus", self.client_cpus)
         check_choice("simulation-backend", self.simulation_backend, SIMULATION_BACKENDS)
         _positive_float("round-timeout", self.round_timeout)
         if not 0.0 <= self.momentum < 1.0:
-            raise UserInputError(f"--momentum must be in [0, 1) (got {self.momentum})")
+            raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
-            raise UserInputError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
+            raise ConfigError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
         _positive_float("server-learning-rate", self.server_learning_rate)
         check_choice("central-dp", self.central_dp, CENTRAL_DP_MODES)
         if self.central_dp != "off":
             _positive_float("central-noise-multiplier", self.central_noise_multiplier)
             _positive_float("central-clipping-norm", self.central_clipping_norm)
             if self.central_count_stddev and not self.central_count_stddev > self.central_noise_multiplier / 2:
-                raise UserInputError(
+                raise ConfigError(
                     f"--central-count-stddev must exceed half the noise multiplier ({self.central_noise_multiplier / 2:g}); "
                     f"got {self.central_count_stddev} (0 picks one)"
                 )
             if not 0.0 < self.central_target_quantile < 1.0:
-                raise UserInputError(f"--central-target-quantile must be in (0, 1) (got {self.central_target_quantile})")
+                raise ConfigError(f"--central-target-quantile must be in (0, 1) (got {self.central_target_quantile})")
             if not 0.0 < self.delta < 1.0:
-                raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
+                raise ConfigError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
         if self.secure_aggregation:
             self._check_secure_aggregation()
         if self.budget_epsilon < 0 or math.isnan(self.budget_epsilon):
-            raise UserInputError(f"--budget-epsilon must be >= 0, 0 meaning no budget (got {self.budget_epsilon})")
+            raise ConfigError(f"--budget-epsilon must be >= 0, 0 meaning no budget (got {self.budget_epsilon})")
         if not (self.target_epsilon >= 0 and math.isfinite(self.target_epsilon)):
-            raise UserInputError(f"--target-epsilon must be >= 0, 0 meaning off (got {self.target_epsilon})")
+            raise ConfigError(f"--target-epsilon must be >= 0, 0 meaning off (got {self.target_epsilon})")
         if self.target_epsilon > 0 and not self.dp:
-            raise UserInputError("--target-epsilon needs DP on: drop --no-dp, or drop --target-epsilon")
+            raise ConfigError("--target-epsilon needs DP on: drop --no-dp, or drop --target-epsilon")
         if self.dp:
             if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-                raise UserInputError(
+                raise ConfigError(
                     f"--noise-multiplier must be > 0 with DP on (got {self.noise_multiplier}); "
                     "pass a positive value, or --no-dp for a non-private run"
                 )
             _positive_float("max-grad-norm", self.max_grad_norm)
             if not 0.0 < self.delta < 1.0:
-                raise UserInputError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
+                raise ConfigError(f"--delta must be in (0, 1) (got {self.delta}); a usual choice is 1e-5")
         self._check_aggregation()
         return self
 
@@ -191,22 +191,22 @@ class RunConfig:
     def _check_aggregation(self) -> None:
         """The server's update limits, and robust rules that cannot work with this run's privacy mode or cohort size."""
         if not (self.num_malicious >= 0):
-            raise UserInputError(f"--num-malicious must be >= 0, 0 meaning the most the rule withstands (got {self.num_malicious})")
+            raise ConfigError(f"--num-malicious must be >= 0, 0 meaning the most the rule withstands (got {self.num_malicious})")
         if not 0.0 <= self.trimmed_beta < 0.5:
-            raise UserInputError(f"--trimmed-beta must be in [0, 0.5) (got {self.trimmed_beta})")
+            raise ConfigError(f"--trimmed-beta must be in [0, 0.5) (got {self.trimmed_beta})")
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
-            raise UserInputError(f"--max-update-norm must be >= 0, 0 meaning derived from the config (got {self.max_update_norm})")
+            raise ConfigError(f"--max-update-norm must be >= 0, 0 meaning derived from the config (got {self.max_update_norm})")
         if self.max_client_records < 0:
-            raise UserInputError(f"--max-client-records must be >= 0, 0 meaning derived from the data (got {self.max_client_records})")
+            raise ConfigError(f"--max-client-records must be >= 0, 0 meaning derived from the data (got {self.max_client_records})")
         if self.strategy not in ROBUST_STRATEGIES:
             return
         if self.secure_aggregation:
-            raise UserInputError(
+            raise ConfigError(
                 f"--strategy {self.strategy} needs every client's own update, which --secure-aggregation hides from "
                 "the server (it learns only the sum); use fedavg, fedprox or fedadam with secure aggregation"
             )
         if self.central_dp != "off":
-            raise UserInputError(
+            raise ConfigError(
                 f"--strategy {self.strategy} with --central-dp {self.central_dp} is not supported: the central noise "
                 "z*C/m is calibrated to a mean's sensitivity C/m, and one client can move a median, a trimmed mean or "
                 "Krum's pick further; use fedavg or fedprox with central DP, or the robust rule with local DP (--dp)"
@@ -214,17 +214,17 @@ class RunConfig:
         m = self.clients_per_round()
         f = self.malicious_clients(m)
         if self.strategy == "fedtrimmedavg" and int(self.trimmed_beta * m) < 1:
-            raise UserInputError(
+            raise ConfigError(
                 f"--trimmed-beta {self.trimmed_beta:g} trims nothing with {m} clients per round (int(beta*m) = 0); "
                 f"raise it to at least {1 / m:.3g} or sample more clients"
             )
         if self.strategy in ("krum", "multikrum") and not m > 2 * f + 2:
-            raise UserInputError(
+            raise ConfigError(
                 f"--strategy {self.strategy} withstands f Byzantine clients only with m > 2f+2 clients per round; "
                 f"got m={m}, f={f}: lower --num-malicious or sample more clients"
             )
         if self.strategy == "bulyan" and not (f >= 1 and m >= 4 * f + 3):
-            raise UserInputError(
+            raise ConfigError(
                 f"--strategy bulyan needs m >= 4f+3 clients per round for f >= 1 Byzantine clients; got m={m}, "
                 f"f={f}: lower --num-malicious or sample at least {4 * max(f, 1) + 3} clients per round"
             )
@@ -244,33 +244,33 @@ class RunConfig:
         """SecAgg+ settings that cannot work with this many clients are refused before any training."""
         sampled = self.clients_per_round()
         if sampled < 3:
-            raise UserInputError(
+            raise ConfigError(
                 f"--secure-aggregation needs at least 3 clients per round (got {sampled}); with 2 each learns "
                 "the other's update from the sum: raise --min-clients or --fraction-train"
             )
         if self.central_dp != "off":
-            raise UserInputError(
+            raise ConfigError(
                 "--secure-aggregation with --central-dp is not supported: Flower's central DP strategies clip or "
                 "inspect individual updates, which secure aggregation hides; combine it with local DP (--dp) instead"
             )
         shares, threshold = self.secagg_parameters(sampled)
         if self.secagg_shares and not 3 <= self.secagg_shares <= sampled:
-            raise UserInputError(
+            raise ConfigError(
                 f"--secagg-shares must be between 3 and the clients per round ({sampled}); got {self.secagg_shares}"
             )
         if not 2 <= threshold < shares:
-            raise UserInputError(
+            raise ConfigError(
                 f"--secagg-threshold must be at least 2 and below the number of shares ({shares}); got {threshold}"
             )
         if not 2 * threshold > shares:
             # client/secagg_guard.py refuses such a round: a server could tell some neighbours a client
             # is active and the others that it dropped, and collect both of its unmasking secrets.
-            raise UserInputError(
+            raise ConfigError(
                 f"--secagg-threshold must be more than half the shares ({shares}), or a server lying about "
                 f"dropouts could unmask a client; got {threshold}"
             )
         if not self.secagg_max_weight >= 1:
-            raise UserInputError(f"--secagg-max-weight must be >= 1 (got {self.secagg_max_weight})")
+            raise ConfigError(f"--secagg-max-weight must be >= 1 (got {self.secagg_max_weight})")
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:
@@ -294,7 +294,7 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise UserInputError(
+        raise ConfigError(
             f"config key '{name.replace('_', '-')}' expects a {type_name}, got {value!r}"
         ) from None
 
@@ -302,14 +302,27 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
 def check_choice(option: str, value: str, allowed) -> None:  # noqa: ANN001 - any sequence of names
     """The one-line error for an unknown choice, shared by every option with a fixed set of values."""
     if value not in allowed:
-        raise UserInputError(f"--{option} '{value}' is unknown; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"--{option} '{value}' is unknown; choose one of: {', '.join(allowed)}")
+
+
+def check_port(option: str, port: int, zero_means: str = "") -> None:
+    """Refuse a TCP port outside 1..65535 with a one-line :class:`ConfigError` naming ``--option``.
+
+    ``zero_means`` (e.g. ``"any free port"``) also admits 0 and says what it does. Called before
+    anything binds or starts: out of range, ``bind()`` raises OverflowError and Flower's own
+    argparse buries the option in its usage text.
+    """
+    low = 0 if zero_means else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        zero = f", or 0 for {zero_means}" if zero_means else ""
+        raise ConfigError(f"--{option} must be a port number in 1..65535{zero} (got {port})")
 
 
 def _positive_int(option: str, value: int) -> None:
     if value < 1:
-        raise UserInputError(f"--{option} must be a positive integer (got {value})")
+        raise ConfigError(f"--{option} must be a positive integer (got {value})")
 
 
 def _positive_float(option: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
-        raise UserInputError(f"--{option} must be a positive number (got {value})")
+        raise ConfigError(f"--{option} must be a positive number (got {value})")

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic_io import atomic_write
-from common.errors import UserInputError
+from common.errors import DataError
+
+MAX_CLASSES = 1000  # labels are class indices 0..MAX_CLASSES-1: the model gets one output per class
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def cache_dir() -> Path:
 
 
 def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.2, mnist1d_samples: int = 10_000) -> Dataset:
-    """Load ``digits``, ``mnist1d`` or ``npz:PATH``; raises :class:`UserInputError` on bad input."""
+    """Load ``digits``, ``mnist1d`` or ``npz:PATH``; raises :class:`~common.errors.DataError` on bad input."""
     return _load_cached(spec, seed, test_fraction, mnist1d_samples)
 
 
@@ -63,7 +65,7 @@ def _load_cached(spec: str, seed: int, test_fraction: float, mnist1d_samples: in
         return _mnist1d(mnist1d_samples, seed, test_fraction)
     if spec.startswith("npz:"):
         return _npz(Path(spec[4:]).expanduser(), seed, test_fraction)
-    raise UserInputError(f"--dataset '{spec}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz")
+    raise DataError(f"--dataset '{spec}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz")
 
 
 def _split(x: np.ndarray, y: np.ndarray | None, seed: int, test_fraction: float, name: str, num_classes: int) -> Dataset:
@@ -84,7 +86,7 @@ def _split(x: np.ndarray, y: np.ndarray | None, seed: int, test_fraction: float,
         test, train = np.concatenate(test_parts), np.concatenate(train_parts)
         test, train = rng.permutation(test), rng.permutation(train)
     if len(train) == 0 or len(test) == 0:
-        raise UserInputError(f"dataset '{name}' has too few samples ({n}) to split with --test-fraction {test_fraction}")
+        raise DataError(f"dataset '{name}' has too few samples ({n}) to split with --test-fraction {test_fraction}")
     return Dataset(
         name=name,
         x_train=x[train],
@@ -152,41 +154,53 @@ def npz_records(path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
 
     A data owner trains on all of its records; nothing a server sends (a seed, a split) changes
     which records they are or their order, so their fingerprint is the file's own.
+
+    ``classes`` is the largest label + 1 (0 without ``y``): labels are class indices, and an owner's
+    file may lack some classes. Anything unusable raises a one-line :class:`DataError` naming the
+    file and the fix, before any large allocation: labels must be integers in
+    ``0..MAX_CLASSES - 1`` (a label of 1e9 would otherwise ask the model for a billion outputs).
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserInputError(f"--dataset npz:{path}: file not found; give the path of an .npz file with arrays x and y")
+        raise DataError(f"--dataset npz:{path}: file not found; give the path of an .npz file with arrays x and y")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserInputError(f"--dataset npz:{path}: not a readable .npz file ({exc.__class__.__name__}); save it with numpy.savez") from None
+        raise DataError(f"--dataset npz:{path}: not a readable .npz file ({exc.__class__.__name__}); save it with numpy.savez") from None
     if "x" not in arrays:
-        raise UserInputError(f"--dataset npz:{path}: no array named 'x' (found: {', '.join(arrays) or 'none'}); save with numpy.savez(path, x=..., y=...)")
+        raise DataError(f"--dataset npz:{path}: no array named 'x' (found: {', '.join(arrays) or 'none'}); save with numpy.savez(path, x=..., y=...)")
     x = arrays["x"]
     if x.ndim < 2 or len(x) < 2:
-        raise UserInputError(f"--dataset npz:{path}: 'x' must have shape (n, features...) with n >= 2 (got {x.shape})")
+        raise DataError(f"--dataset npz:{path}: 'x' must have shape (n, features...) with n >= 2 (got {x.shape})")
     if not np.issubdtype(x.dtype, np.number):
-        raise UserInputError(f"--dataset npz:{path}: 'x' must be numeric (got dtype {x.dtype})")
+        raise DataError(f"--dataset npz:{path}: 'x' must be numeric (got dtype {x.dtype})")
     x = x.astype(np.float32) / (255.0 if arrays["x"].dtype == np.uint8 else 1.0)
     if not np.isfinite(x).all():
-        raise UserInputError(f"--dataset npz:{path}: 'x' contains NaN or infinite values; clean the data first")
+        raise DataError(f"--dataset npz:{path}: 'x' contains NaN or infinite values; clean the data first")
     # Channel axis first: (n, L) -> (n, 1, L); (n, H, W) -> (n, 1, H, W); (n, C, H, W) stays.
     if x.ndim in (2, 3):
         x = x[:, None, ...]
     elif x.ndim > 4:
-        raise UserInputError(f"--dataset npz:{path}: 'x' has {x.ndim - 1} feature axes; at most 3 (C, H, W) are supported")
+        raise DataError(f"--dataset npz:{path}: 'x' has {x.ndim - 1} feature axes; at most 3 (C, H, W) are supported")
     y = arrays.get("y")
     num_classes = 0
     if y is not None:
         if y.shape != (len(x),):
-            raise UserInputError(f"--dataset npz:{path}: 'y' must have shape ({len(x)},) to match 'x' (got {y.shape})")
-        if not np.issubdtype(y.dtype, np.integer) and not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
-            raise UserInputError(f"--dataset npz:{path}: 'y' must hold integer class labels (got dtype {y.dtype})")
-        y = y.astype(np.int64)
+            raise DataError(f"--dataset npz:{path}: 'y' must have shape ({len(x)},) to match 'x' (got {y.shape})")
+        if not np.issubdtype(y.dtype, np.integer) and not (np.issubdtype(y.dtype, np.floating)
+                                                     and np.isfinite(y).all() and np.all(np.mod(y, 1) == 0)):
+            raise DataError(f"--dataset npz:{path}: 'y' must hold integer class labels (got dtype {y.dtype})")
         if y.min() < 0:
-            raise UserInputError(f"--dataset npz:{path}: 'y' labels must be >= 0 (found {y.min()})")
+            raise DataError(f"--dataset npz:{path}: 'y' labels must be >= 0 (found {y.min()})")
+        if y.max() >= MAX_CLASSES:  # before the cast (a float 1e30 or a huge uint64 would wrap) and the model
+            distinct = len(np.unique(y))
+            fix = (f"number the {distinct} distinct labels 0..{distinct - 1}, e.g. y = numpy.unique(y, return_inverse=True)[1]"
+                   if distinct <= MAX_CLASSES else f"it has {distinct} distinct labels: merge them into at most {MAX_CLASSES} classes")
+            raise DataError(f"--dataset npz:{path}: 'y' labels go up to {y.max()}, but at most {MAX_CLASSES} classes "
+                            f"are supported (the model gets one output per label value); {fix}")
+        y = y.astype(np.int64)
         num_classes = int(y.max()) + 1
         if num_classes < 2:
-            raise UserInputError(f"--dataset npz:{path}: 'y' has a single class; classification needs at least two")
+            raise DataError(f"--dataset npz:{path}: 'y' has a single class; classification needs at least two")
     return x, y, num_classes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import UserInputError
+from common.errors import DataError
 
 MIN_SAMPLES_PER_CLIENT = 2
 
@@ -18,7 +18,7 @@ def partition(labels: np.ndarray | None, num_samples: int, num_clients: int, met
     ``num_clients * classes_per_client`` shards, each client gets ``classes_per_client`` of them.
     """
     if num_clients > num_samples // MIN_SAMPLES_PER_CLIENT:
-        raise UserInputError(
+        raise DataError(
             f"--num-clients {num_clients} is more than the {num_samples} training samples allow "
             f"(at least {MIN_SAMPLES_PER_CLIENT} each); use fewer clients or more data"
         )
@@ -26,13 +26,13 @@ def partition(labels: np.ndarray | None, num_samples: int, num_clients: int, met
     if method == "iid":
         parts = np.array_split(rng.permutation(num_samples), num_clients)
     elif method in ("dirichlet", "shards") and labels is None:
-        raise UserInputError(f"--partitioning {method} needs labels; the dataset has none, use --partitioning iid")
+        raise DataError(f"--partitioning {method} needs labels; the dataset has none, use --partitioning iid")
     elif method == "dirichlet":
         parts = _dirichlet(labels, num_clients, alpha, rng)
     elif method == "shards":
         parts = _shards(labels, num_clients, classes_per_client, rng)
     else:
-        raise UserInputError(f"--partitioning '{method}' is unknown; choose one of: iid, dirichlet, shards")
+        raise DataError(f"--partitioning '{method}' is unknown; choose one of: iid, dirichlet, shards")
     return [np.sort(p.astype(np.int64)) for p in parts]
 
 
@@ -51,7 +51,7 @@ def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.rando
         merged = [np.concatenate(p) for p in parts]
         if min(len(p) for p in merged) >= MIN_SAMPLES_PER_CLIENT:
             return merged
-    raise UserInputError(
+    raise DataError(
         f"--dirichlet-alpha {alpha} leaves some of {num_clients} clients with fewer than "
         f"{MIN_SAMPLES_PER_CLIENT} samples; raise alpha or use fewer clients"
     )
@@ -60,7 +60,7 @@ def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.rando
 def _shards(labels: np.ndarray, num_clients: int, per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
     num_shards = num_clients * per_client
     if num_shards > len(labels):
-        raise UserInputError(
+        raise DataError(
             f"--classes-per-client {per_client} x {num_clients} clients needs {num_shards} shards but only "
             f"{len(labels)} samples exist; lower one of them"
         )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common.config import RunConfig
+from common.config import RunConfig, check_port
 from common.errors import UserInputError
 from common.processes import Child, port_in_use, venv_env, wait_for_port
 
@@ -61,7 +61,13 @@ def check_bind(host: str, port: int, insecure: bool, control_port: int = CONTROL
                tls: "ServerTLS | None" = None) -> None:
     """Refuse plaintext off loopback, taken or clashing ports, and a server certificate that does
     not name 127.0.0.1 (``fedpriv server`` and the ServerApp reach the Control and Runtime APIs
-    there, over the same TLS), before anything starts."""
+    there, over the same TLS), before anything starts.
+
+    Every refusal is a one-line :class:`~common.errors.FedprivError` naming the option; ports
+    outside 1..65535 (0 included: Flower needs a real port) are a
+    :class:`~common.errors.ConfigError`."""
+    check_port("port", port)
+    check_port("control-port", control_port)
     if insecure and not is_loopback(host):
         raise UserInputError(f"--insecure is only allowed on loopback addresses (got --host {host}); "
                              "create certificates with 'fedpriv certs' and drop --insecure")

@@ -21,7 +21,7 @@ from common import audit as stats
 from common.atomic_io import read_json, write_json
 from common.config import RunConfig
 from common.datasets import Dataset, load_dataset
-from common.errors import UserInputError
+from common.errors import ConfigError, UserInputError
 from common.models import check_fit, model_from_config
 from common.partitioning import partition
 from common.privacy import data_fingerprint
@@ -58,10 +58,10 @@ def load_run(run_dir: Path) -> AuditInputs:
         raise UserInputError(f"{run_dir} holds no config.json; it is not a fedpriv run folder")
     try:
         cfg = RunConfig.from_mapping(read_json(config_path)).validate()
+    except UserInputError as exc:  # first: a FedprivError is a ValueError too
+        raise ConfigError(f"{config_path}: {exc}") from None
     except (ValueError, AttributeError) as exc:
-        raise UserInputError(f"{config_path} is not a valid run config ({exc.__class__.__name__})") from None
-    except UserInputError as exc:
-        raise UserInputError(f"{config_path}: {exc}") from None
+        raise ConfigError(f"{config_path} is not a valid run config ({exc.__class__.__name__})") from None
     report = RunReport.load(run_dir)
     _check_report_matches(cfg, report, run_dir)
     model_path = run_dir / FINAL_MODEL

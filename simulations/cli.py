@@ -9,7 +9,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from common.config import RunConfig
+from common.config import RunConfig, check_port
 from common.errors import UserInputError
 from client.owner_policy import DEFAULT_BUDGET, DEFAULT_DELTA, DEFAULT_MIN_NOISE
 from simulations.bench.app import bench_app
@@ -319,6 +319,7 @@ def client(
     if not insecure and (ca is None or key is None):
         fail("--ca and --key are required (from 'fedpriv certs'); --insecure is for loopback tests only")
     host, _ = parse_server(server)
+    check_port("local-port", local_port, zero_means="any free one")
     if insecure:
         from server.superlink import is_loopback
 

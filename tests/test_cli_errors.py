@@ -27,7 +27,9 @@ def npz_files(tmp_path):
     np.savez(no_x, features=np.zeros((10, 4)))
     tiny = tmp_path / "tiny.npz"
     np.savez(tiny, x=rng.normal(size=(12, 4, 4)).astype(np.float32), y=np.arange(12) % 2)
-    return {"unlabelled": unlabelled, "garbage": garbage, "no_x": no_x, "tiny": tiny}
+    huge_labels = tmp_path / "huge_labels.npz"  # a label of 1e9 once made the model ask for 512 GB
+    np.savez(huge_labels, x=rng.normal(size=(40, 8)).astype(np.float32), y=np.array([0, 1, 2, 1_000_000_000] * 10))
+    return {"unlabelled": unlabelled, "garbage": garbage, "no_x": no_x, "tiny": tiny, "huge_labels": huge_labels}
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -55,9 +57,33 @@ def test_bad_datasets(fedpriv, tmp_path, npz_files):
         (["--dataset", f"npz:{npz_files['no_x']}"], ["no array named 'x'"]),
         (["--dataset", f"npz:{npz_files['unlabelled']}", "--model", "cnn"], ["--model cnn", "labels"]),
         (["--dataset", f"npz:{npz_files['tiny']}", "--num-clients", "10"], ["--num-clients"]),
+        (["--dataset", f"npz:{npz_files['huge_labels']}"],
+         [str(npz_files["huge_labels"]), "up to 1000000000", "at most 1000 classes", "0..3"]),
     ]
     for args, needles in cases:
         assert_clean_error(fedpriv("simulate", "--run-dir", str(tmp_path / "run"), *args, timeout=120), *needles)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--port", "99999"], ["--port must be a port number in 1..65535", "99999"]),  # was: unexpected OverflowError
+    (["--port", "0"], ["--port must be a port number", "(got 0)"]),                # was: Flower's argparse text
+    (["--port", "-1"], ["--port must be a port number"]),
+    (["--control-port", "0"], ["--control-port must be a port number", "(got 0)"]),
+    (["--control-port", "99999"], ["--control-port must be a port number", "99999"]),
+])
+def test_bad_server_ports(fedpriv, tmp_path, args, needles):
+    """Checked before anything binds or starts: one line naming the option, exit 2, no run folder."""
+    result = fedpriv("server", "--insecure", "--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    assert_clean_error(result, *needles)
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_bad_client_local_port(fedpriv, tmp_path, port):
+    """Checked before the SuperNode starts (it once failed as a misleading 'TLS handshake' line)."""
+    result = fedpriv("client", "--insecure", "--server", "127.0.0.1:9", "--data", "partition:0/2",
+                     "--state-dir", str(tmp_path / "state"), "--local-port", port, timeout=120)
+    assert_clean_error(result, "--local-port must be a port number in 1..65535, or 0 for any free one", port)
 
 
 def test_unwritable_run_dir(fedpriv, tmp_path):

@@ -314,7 +314,8 @@ def test_owner_missing_a_class_still_trains_the_runs_model(owner):
 @pytest.mark.parametrize("declared, reason", [
     ({records.RUN_CLASSES: 5, records.RUN_INPUT_SHAPE: [1, 8, 8]}, "labels go up to 9, but the run's model has 5"),
     ({records.RUN_CLASSES: 10, records.RUN_INPUT_SHAPE: [1, 28, 28]}, "have shape (1, 8, 8), but the run's model takes"),
-], ids=["labels-beyond-the-run", "other-shape"])
+    ({records.RUN_CLASSES: 10**9, records.RUN_INPUT_SHAPE: [1, 8, 8]}, "declares 1000000000 classes"),
+], ids=["labels-beyond-the-run", "other-shape", "server-sized-model"])
 def test_records_that_do_not_fit_the_run_are_declined_with_the_reason(owner, declared, reason):
     assert reason in _declined(owner.round(ROUND, extra=declared))
     assert load_ledger(owner.state).releases == []
