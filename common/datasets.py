@@ -149,6 +149,18 @@ def _npz(path: Path, seed: int, test_fraction: float) -> Dataset:
     return _split(x, y, seed, test_fraction, f"npz:{path}", num_classes)
 
 
+IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether an image shape (3 axes, no batch) is (H, W, C) rather than (C, H, W).
+
+    Channels last when the last axis is a channel count (1, 3 or 4) and the first is not; an
+    ambiguous shape such as (3, 32, 3) keeps the channels-first reading fedpriv always used.
+    """
+    return len(shape) == 3 and shape[-1] in IMAGE_CHANNELS and shape[0] not in IMAGE_CHANNELS
+
+
 def npz_records(path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Every record of a user's ``.npz`` in the file's own order: (x with a channel axis, y, classes).
 
@@ -178,9 +190,12 @@ def npz_records(path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
     x = x.astype(np.float32) / (255.0 if arrays["x"].dtype == np.uint8 else 1.0)
     if not np.isfinite(x).all():
         raise DataError(f"--dataset npz:{path}: 'x' contains NaN or infinite values; clean the data first")
-    # Channel axis first: (n, L) -> (n, 1, L); (n, H, W) -> (n, 1, H, W); (n, C, H, W) stays.
+    # Channel axis first: (n, L) -> (n, 1, L); (n, H, W) -> (n, 1, H, W); (n, C, H, W) stays;
+    # (n, H, W, C), how most image tools save images, is detected and moved to (n, C, H, W).
     if x.ndim in (2, 3):
         x = x[:, None, ...]
+    elif x.ndim == 4 and channels_last(x.shape[1:]):
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     elif x.ndim > 4:
         raise DataError(f"--dataset npz:{path}: 'x' has {x.ndim - 1} feature axes; at most 3 (C, H, W) are supported")
     y = arrays.get("y")

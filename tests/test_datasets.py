@@ -187,3 +187,27 @@ def test_npz_mismatched_y_length(tmp_path):
 def test_npz_other_bad_contents(tmp_path, arrays, needle):
     with pytest.raises(UserInputError, match=needle):
         load_dataset(_save(tmp_path / "bad.npz", **arrays))
+
+
+def test_channels_last_images_are_detected_and_train_the_founding_cnn(tmp_path):
+    """(n, 32, 32, 3), how most image tools save images, was refused; it must read as (n, 3, 32, 32)."""
+    import torch
+
+    from common.datasets import channels_last, load_dataset
+    from common.models import build_model, check_fit
+
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(40, 3, 32, 32)).astype(np.float32)
+    y = np.arange(40) % 2
+    np.savez(tmp_path / "first.npz", x=first, y=y)
+    np.savez(tmp_path / "last.npz", x=first.transpose(0, 2, 3, 1), y=y)
+    a = load_dataset(f"npz:{tmp_path / 'first.npz'}", seed=0)
+    b = load_dataset(f"npz:{tmp_path / 'last.npz'}", seed=0)
+    assert a.input_shape == b.input_shape == (3, 32, 32)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    check_fit("cnn", b.input_shape, True, "last.npz")
+    model = build_model("cnn", b.input_shape, 2, seed=0)
+    assert model.features[0].in_channels == 3  # the founding document's Conv2d(3, 32, 3)
+    assert model(torch.from_numpy(b.x_train[:4])).shape == (4, 2)
+    assert channels_last((32, 32, 3)) and channels_last((28, 28, 1))
+    assert not channels_last((3, 32, 32)) and not channels_last((1, 28, 28)) and not channels_last((3, 32, 3))
