@@ -69,7 +69,11 @@ def test_malformed_updates_are_dropped_and_the_run_goes_on(tmp_path, cache_dir):
         assert "norm" in rnd["rejected"]["client-2"]
     # Their privacy was spent all the same: every client's epsilon is on the books.
     assert sorted(report["privacy"]["clients"]) == [f"client-{i}" for i in range(5)]
-    assert report["rounds"][-1]["metrics"]["accuracy"] > 0.15
+    # The global model learnt from the honest two only: its test loss is below a uniform guess's ln(10) (a NaN
+    # or a 1000x update in the average would make it NaN or huge). Accuracy after two DP rounds of two clients
+    # is too noisy to test (0.14-0.42 seen, with fresh OS-drawn noise every run).
+    final_loss = report["rounds"][-1]["metrics"]["loss"]
+    assert math.isfinite(final_loss) and final_loss < math.log(10), report["rounds"]
     md = (run_dir / "report.md").read_text()
     assert "update of client-0 dropped" in md
     log = (run_dir / "report.json").read_text()
