@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from client.owner_policy import OwnerPolicy
 from client.privacy_mods import privacy_mods
 from common import records
 from common.config import RunConfig
-from common.errors import UserInputError
+from common.errors import ConfigError, UserInputError
 
 if TYPE_CHECKING:
     from client.ledger import OwnerLedger
@@ -34,30 +35,47 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedpriv.client")
 
 
-def build_client_app(policy: OwnerPolicy | None = None, outer_mods: tuple = ()) -> ClientApp:
+def build_client_app(policy: OwnerPolicy | None = None, outer_mods: tuple = (),
+                     state_root: Path | None = None) -> ClientApp:
     """A ClientApp enforcing ``policy``, or, when ``None``, the policy in each node's config.
 
-    ``fedpriv simulate`` passes the simulation's own policy (its user owns every simulated data set);
-    the module-level :data:`app` (``fedpriv client``, ``flwr run``) reads the node config, where
-    ``fedpriv client`` puts its owner's policy, and falls back to the default policy, never to the server.
-    ``outer_mods`` run outside the privacy mods (the framework bench's tracing).
+    ``fedpriv simulate`` passes the simulation's own policy and state root (its user owns every
+    simulated data set: :func:`simulation_client_app`); the module-level :data:`app` (``fedpriv client``,
+    ``flwr run``) reads the node config, where ``fedpriv client`` puts its owner's policy and state
+    folder, and falls back to the default policy and a state folder of this machine, never to the
+    server's word. ``outer_mods`` run outside the privacy mods (the framework bench's tracing).
     """
     client_app = ClientApp(mods=[*outer_mods, privacy_mods])  # SecAgg+ and central-DP clipping, when a round asks
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_for_owner(msg, context, policy or OwnerPolicy.from_node_config(context.node_config))
+        return train_for_owner(msg, context, policy or OwnerPolicy.from_node_config(context.node_config), state_root)
 
     return client_app
 
 
-def _state_dir(run_dir: str, context: Context, client_id: str) -> Path:
+def simulation_client_app(cfg: RunConfig, outer_mods: tuple = ()) -> ClientApp:
+    """The ClientApp of a local simulation of ``cfg``: the run's own policy, ledgers in ``RUN_DIR/clients``."""
+    if not cfg.run_dir:
+        raise ConfigError("a simulation's clients keep their ledgers in the run folder: set run_dir first")
+    return build_client_app(OwnerPolicy.of_simulation(cfg), outer_mods, Path(cfg.run_dir) / "clients")
+
+
+def _state_dir(context: Context, state_root: Path | None, client_id: str) -> Path:
+    """Where this owner's ledger lives: its node config, the simulation's run folder, or this machine's default.
+
+    Never the server's message: a server that could name the folder could hand an owner a fresh,
+    empty ledger. ``FEDPRIV_STATE_HOME`` (default ``~/.local/state/fedpriv``) holds the ledgers of
+    SuperNodes started without ``fedpriv client`` (e.g. under ``flwr run``).
+    """
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"])).expanduser()
-    return Path(run_dir) / "clients" / client_id  # simulation: the run folder keeps each client's ledger
+    if state_root is not None:
+        return state_root / client_id
+    return Path(os.environ.get("FEDPRIV_STATE_HOME", "~/.local/state/fedpriv")).expanduser() / "owners" / client_id
 
 
-def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy) -> Message:
+def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy, state_root: Path | None = None) -> Message:
     """One round under ``policy``: decline, or train with DP-SGD and charge the ledger before replying."""
     raw = dict(msg.content[records.CONFIG])
     server_round = int(raw.get("server-round", 0))
@@ -74,7 +92,7 @@ def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy) -> Mess
 
     data = local_data(asked, dict(context.node_config))
     privacy.update({"client-id": data.client_id, "fingerprint": data.fingerprint})
-    state_dir = _state_dir(str(raw.get("run-dir", asked.run_dir)), context, data.client_id)
+    state_dir = _state_dir(context, state_root, data.client_id)
     try:
         with locked_ledger(state_dir, data.client_id) as ledger:
             return _train_locked(msg, context, policy, asked, data, ledger, state_dir, privacy, run_id, server_round)
@@ -112,8 +130,9 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
     model = model_from_config(run, data.input_shape, num_classes)
     model.load_state_dict(msg.content[records.ARRAYS].to_torch_state_dict())
     result = train_round(model, data.x, data.y, run, ledger.history())
-    epsilon = math.inf if result.mechanism is None else ledger.epsilon_if(result.mechanism, policy.delta,
-                                                                         policy.accountant)
+    # train_round composed the ledger's history with this round under the policy's delta and accountant
+    # (``run`` carries them); a release without DP anywhere in the ledger leaves no finite epsilon.
+    epsilon = math.inf if ledger.released_without_dp() else result.epsilon
     ledger.releases.append(Release(
         run_id=run_id, round=server_round, time=now(), noise_multiplier=result.noise_multiplier,
         sample_rate=result.sample_rate, steps=result.steps, epochs=run.local_epochs, sampling=result.sampling,
@@ -169,7 +188,7 @@ def _fit_to_run(msg: Message, data) -> tuple[int, str | None]:  # noqa: ANN001 -
 
 def _ledger_columns(ledger: OwnerLedger) -> dict:
     """The owner's whole DP history (all runs, interrupted rounds too), so the server's report accounts for it."""
-    releases = [(r, r.mechanism()) for r in ledger.releases if r.mechanism() is not None]
+    releases = [(r, m) for r in ledger.releases if (m := r.mechanism()) is not None]
     if not releases:
         return {}
     return {"ledger-run": [r.run_id for r, _ in releases], "ledger-round": [r.round for r, _ in releases],

@@ -29,12 +29,11 @@ def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[Run
     preflight(cfg)
     run_dir = resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    from client.app import build_client_app
-    from client.owner_policy import OwnerPolicy
+    from client.app import simulation_client_app
     from server.app import build_server_app
 
     server_app = build_server_app(cfg, observer)
-    client_app = build_client_app(OwnerPolicy.of_simulation(cfg))  # the user owns every simulated data set
+    client_app = simulation_client_app(cfg)  # the user owns every simulated data set
     with _flower_logs_to(run_dir / "flower.log"):
         if cfg.simulation_backend == "ray":
             _run_on_ray(cfg, server_app, client_app)

@@ -21,9 +21,8 @@ from flwr.common.constant import PARTITION_ID_KEY, SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import build_client_app
+from client.app import simulation_client_app
 from client.dp_training import train_round
-from client.owner_policy import OwnerPolicy
 from common import records
 from common.config import RunConfig
 from common.datasets import load_dataset
@@ -132,7 +131,7 @@ def task_identity():
 
 def _forging_app(cfg: RunConfig) -> ClientApp:
     """Real DP-SGD clients; those in FORGERY then tamper with their reply before it leaves."""
-    honest = build_client_app(OwnerPolicy.of_simulation(cfg))
+    honest = simulation_client_app(cfg)
     weight_key = records.UNIT_WEIGHT if cfg.central_dp != "off" else records.NUM_EXAMPLES
     stale: dict[int, Message] = {}
     app = ClientApp()

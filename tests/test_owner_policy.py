@@ -319,3 +319,21 @@ def test_owner_missing_a_class_still_trains_the_runs_model(owner):
 def test_records_that_do_not_fit_the_run_are_declined_with_the_reason(owner, declared, reason):
     assert reason in _declined(owner.round(ROUND, extra=declared))
     assert load_ledger(owner.state).releases == []
+
+
+def test_server_cannot_pick_the_ledger_folder(owner, tmp_path, monkeypatch):
+    """A SuperNode started without a state folder (a bare flower-supernode) used the server's run-dir for its
+    ledger, so a server that changed run-dir handed the owner a fresh, empty ledger every run."""
+    home = tmp_path / "owner-home"
+    monkeypatch.setenv("FEDPRIV_STATE_HOME", str(home))
+    context = owner.context()
+    del context.node_config["state-dir"]
+    model = model_from_config(ROUND, (1, 8, 8), 10, seed=0)
+    for r, run_dir in ((1, tmp_path / "server-a"), (2, tmp_path / "server-b")):
+        config = ConfigRecord({**replace(ROUND, run_dir=str(run_dir)).to_dict(kebab=True), "server-round": r,
+                               "run-uid": "run-a", "run-dir": str(run_dir)})
+        msg = Message(RecordDict({records.ARRAYS: ArrayRecord(model.state_dict()), records.CONFIG: config}),
+                      dst_node_id=1, message_type="train")
+        assert records.ARRAYS in train_for_owner(msg, context, OwnerPolicy()).content.array_records
+    assert not (tmp_path / "server-a").exists() and not (tmp_path / "server-b").exists()
+    assert len(load_ledger(home / "owners" / "owner").releases) == 2, "both runs composed in the owner's own ledger"

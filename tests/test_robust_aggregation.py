@@ -19,8 +19,7 @@ from flwr.serverapp import strategy as flower
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import build_client_app
-from client.owner_policy import OwnerPolicy
+from client.app import simulation_client_app
 from common import records
 from common.config import ROBUST_STRATEGIES, RunConfig
 from common.datasets import load_dataset
@@ -77,7 +76,7 @@ def task_identity():
 def _poisoned_app(cfg: RunConfig, poisoners: tuple[int, ...], attack_norm: float) -> ClientApp:
     """Real clients; the ``poisoners`` train honestly, then send their update scaled to ``attack_norm``
     (just inside the server's norm bound, which is public), two of them sign-flipped."""
-    honest = build_client_app(OwnerPolicy.of_simulation(cfg))
+    honest = simulation_client_app(cfg)
     app = ClientApp()
 
     @app.train()

@@ -12,15 +12,14 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY, SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from client.app import build_client_app
-from client.owner_policy import OwnerPolicy
+from client.app import simulation_client_app
 from common import records
 from common.config import RunConfig
 from server.app import build_server_app
 from simulations.inprocess_backend import DirectGrid
 
 def forge(kind, cfg):
-    honest = build_client_app(OwnerPolicy.of_simulation(cfg))
+    honest = simulation_client_app(cfg)
     app = ClientApp()
     wk = records.UNIT_WEIGHT if cfg.central_dp != "off" else records.NUM_EXAMPLES
     @app.train()

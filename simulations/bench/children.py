@@ -43,20 +43,6 @@ def trace_mod(msg, ctxt, call_next):
     return reply
 
 
-def traced_project_app(policy=None):  # noqa: ANN001, ANN201 - an OwnerPolicy, a ClientApp
-    """The project's ClientApp (same handler, policy and mods) with :func:`trace_mod` outermost."""
-    return (_PROJECT_APP_BUILDER or _project_app_builder())(policy, outer_mods=(trace_mod,))
-
-
-def _project_app_builder():  # noqa: ANN202
-    from client.app import build_client_app
-
-    return build_client_app
-
-
-_PROJECT_APP_BUILDER = None  # client.app.build_client_app, kept before _child_sim replaces it
-
-
 class _Timeline:
     """RoundObserver that timestamps rounds in the driver process."""
 
@@ -81,9 +67,8 @@ def _child_sim(spec: dict[str, Any]) -> dict[str, Any]:
 
     marks["imported"] = time.time()
     cfg = RunConfig.from_mapping(spec["config"])
-    global _PROJECT_APP_BUILDER
-    _PROJECT_APP_BUILDER = _project_app_builder()
-    client.app.build_client_app = traced_project_app  # simulate() looks the builder up at call time
+    project_app = client.app.simulation_client_app  # simulate() looks it up at call time: trace_mod outermost
+    client.app.simulation_client_app = lambda run_cfg: project_app(run_cfg, outer_mods=(trace_mod,))
     timeline = _Timeline()
     marks["simulate"] = time.time()
     report, run_dir = simulate(cfg, timeline)

@@ -13,8 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import build_client_app
-from client.owner_policy import OwnerPolicy
+from client.app import simulation_client_app
 from common import records
 from common.config import RunConfig
 from server.app import build_server_app
@@ -22,7 +21,7 @@ from simulations.inprocess_backend import run_inprocess
 
 app = ClientApp()
 CFG = RunConfig(num_clients=5, num_rounds=2)
-honest = build_client_app(OwnerPolicy.of_simulation(CFG))
+honest = None  # the honest ClientApp of the run, made in __main__ once its run folder is known
 
 
 @app.train()
@@ -49,4 +48,5 @@ def train(msg: Message, context: Context) -> Message:
 
 if __name__ == "__main__":
     cfg = RunConfig(**{**CFG.to_dict(), "run_dir": sys.argv[1]}).validate()
+    honest = simulation_client_app(cfg)
     run_inprocess(build_server_app(cfg), app, 5, workers=2)
