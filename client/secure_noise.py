@@ -25,9 +25,7 @@ reference the project's subclasses are checked against. So:
 from __future__ import annotations
 
 import math
-import os
 
-import numpy as np
 import torch
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -35,24 +33,11 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-_TWO_POW_MINUS_53 = 2.0**-53
-
-
-def csprng_uniform(n: int) -> np.ndarray:
-    """``n`` floats uniform in [0, 1), 53 random bits each, from the OS' CSPRNG."""
-    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    return (raw >> np.uint64(11)).astype(np.float64) * _TWO_POW_MINUS_53
-
+from common.csprng import csprng_standard_normal, csprng_uniform  # noqa: F401 - csprng_uniform re-exported
 
 def csprng_normal(shape: torch.Size | tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Gaussian noise N(0, std^2) by Box-Muller on CSPRNG uniforms."""
-    n = math.prod(shape)
-    half = (n + 1) // 2
-    u1 = 1.0 - csprng_uniform(half)  # in (0, 1]: log is finite
-    u2 = csprng_uniform(half)
-    radius = np.sqrt(-2.0 * np.log(u1))
-    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
-    return torch.from_numpy(z * std).to(dtype).reshape(shape)
+    """Gaussian noise N(0, std^2) by Box-Muller on CSPRNG uniforms (``common.csprng``)."""
+    return torch.from_numpy(csprng_standard_normal(math.prod(shape)) * std).to(dtype).reshape(shape)
 
 
 def secure_noise(std: float, reference: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import Counter
 from typing import Any, Iterable
 
@@ -56,6 +55,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import RunConfig
+from common.csprng import csprng_gaussian
 from common.errors import UserInputError
 from server.cohort import samples_secretly, secret_cohort
 
@@ -64,34 +64,6 @@ log = logging.getLogger("fedpriv.server")
 
 # Server optimisers that step on the aggregate: post-processing once the aggregate is noised.
 SERVER_OPTIMISERS: tuple[type, ...] = (FedOpt, FedAvgM)  # FedOpt: FedAdam, FedYogi, FedAdagrad
-
-_TWO_POW_MINUS_53 = 2.0**-53
-
-
-# ------------------------------------------------------------------------------------------ noise
-def _csprng_uniform(n: int) -> np.ndarray:
-    """``n`` floats uniform in [0, 1), 53 random bits each, from ``os.urandom`` (looked up per call)."""
-    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    return (raw >> np.uint64(11)).astype(np.float64) * _TWO_POW_MINUS_53
-
-
-def _csprng_standard_normal(n: int) -> np.ndarray:
-    """``n`` N(0, 1) draws by Box-Muller on CSPRNG uniforms."""
-    half = (n + 1) // 2
-    radius = np.sqrt(-2.0 * np.log(1.0 - _csprng_uniform(half)))  # 1 - u in (0, 1]: the log is finite
-    angle = 2.0 * np.pi * _csprng_uniform(half)
-    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
-
-
-def csprng_gaussian(shape: tuple[int, ...], std: float) -> np.ndarray:
-    """N(0, std^2) noise of ``shape`` (float64) from the OS CSPRNG, with Opacus' secure-mode recipe:
-    four Gaussians summed and halved, against floating-point attacks (Holohan & Braghin 2021).
-    The same recipe as the clients' DP-SGD noise (client/secure_noise.py), without importing torch."""
-    shape = tuple(shape)
-    n = math.prod(shape)
-    total = sum(_csprng_standard_normal(n) for _ in range(4)) / 2.0
-    return (total * std).reshape(shape)
-
 
 class _CentralNoise:
     """The central noise of Flower's DP wrappers, drawn from the OS CSPRNG when ``secure_noise`` is set
@@ -196,12 +168,9 @@ class NoiseBeforeServerOptimiser(Strategy):
                               "metrics": MetricRecord({self.optimiser.weighted_by_key: 1})})
         stepped, _ = self.optimiser.aggregate_train(
             server_round, [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)])
-        if stepped is None:
-            return None, metrics
-        # FedAdam's bias-corrected step size is a NumPy float64, which (NumPy 2) turns a float32 model into
-        # float64; keep the model's dtypes, or every client's next update fails the server's dtype check.
-        return ArrayRecord({k: Array(np.asarray(stepped[k].numpy(), dtype=noisy_mean[k].dtype))
-                            for k in stepped.keys()}), metrics
+        # FedAdam computes in float64; the round loop casts the global model back to its dtypes
+        # (server/federation.py, _in_model_dtypes), for every strategy alike.
+        return stepped, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
