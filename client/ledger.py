@@ -210,14 +210,10 @@ def _merge_legacy(state_dir: Path, ledger: OwnerLedger) -> bool:
         try:
             data = json.loads(raw)
             entries = data["entries"]
-            releases = [Release(run_id=str(e["run_id"]), round=int(e["round"]), time=path.stat().st_mtime,
-                                noise_multiplier=float(e["noise_multiplier"]), sample_rate=float(e["sample_rate"]),
-                                steps=int(e["steps"]), epochs=0, sampling="poisson", fingerprint=path.stem,
-                                records=None, epsilon=float(e["epsilon"]), accountant=str(data["accountant"]),
-                                delta=float(data["delta"])) for e in entries]
-            for r in releases:
-                if r.steps < 0 or not 0 < r.sample_rate <= 1 or not r.noise_multiplier > 0:
-                    raise ValueError(f"entry out of range: {r}")
+            # The old layout knew only Poisson rounds and no record count; _release checks every field's range.
+            releases = [_release({**e, "time": path.stat().st_mtime, "epochs": 0, "sampling": "poisson",
+                                  "fingerprint": path.stem, "records": None, "accountant": data["accountant"],
+                                  "delta": data["delta"]}) for e in entries]
         except (ValueError, KeyError, TypeError) as exc:
             raise LedgerError(f"privacy ledger {path} (old layout) is corrupted ({exc.__class__.__name__}); restore it "
                               "from backup — it is never reset automatically, since that would forget spent privacy"

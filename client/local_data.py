@@ -34,14 +34,18 @@ def local_data(cfg: RunConfig, node_config: dict) -> LocalData:
     else:
         spec, pid, parts = cfg.dataset, int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", cfg.num_clients))
     name = str(node_config.get("client-name", "")) or None
-    if pid is None:  # the owner's file may change between rounds: a changed file is a new cache entry
-        try:
-            stat = Path(spec[4:]).expanduser().stat()
-            spec = f"{spec}\0{stat.st_mtime_ns}\0{stat.st_size}"
-        except OSError:
-            pass  # npz_records raises the one-line error
     return _cached(spec, cfg.seed, cfg.test_fraction, cfg.mnist1d_samples, cfg.partitioning,
-                   cfg.dirichlet_alpha, cfg.classes_per_client, pid, parts, name)
+                   cfg.dirichlet_alpha, cfg.classes_per_client, pid, parts, name,
+                   _file_version(spec) if pid is None else None)
+
+
+def _file_version(spec: str) -> tuple[int, int] | None:
+    """(mtime, size) of an owner's file: a file changed between rounds is a new cache entry, never stale data."""
+    try:
+        stat = Path(spec[4:]).expanduser().stat()
+    except OSError:
+        return None  # npz_records raises the one-line error
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 _PARTITIONS: dict[tuple, tuple[object, list[np.ndarray]]] = {}
@@ -63,9 +67,10 @@ def _partition_of(data, parts: int, method: str, seed: int, alpha: float, per_cl
 
 
 @lru_cache(maxsize=8)
-def _cached(spec, seed, test_fraction, mnist1d_samples, method, alpha, per_client, pid, parts, name) -> LocalData:
+def _cached(spec, seed, test_fraction, mnist1d_samples, method, alpha, per_client, pid, parts, name,
+            file_version) -> LocalData:  # noqa: ARG001 - file_version only keys the cache
     if pid is None:  # a data owner's own file: every record in it, in its own order (no server seed involved)
-        x, y, num_classes = npz_records(Path(spec[4:].split("\0")[0]))
+        x, y, num_classes = npz_records(Path(spec[4:]))
         x, y = np.ascontiguousarray(x), (None if y is None else np.ascontiguousarray(y))
         fingerprint = data_fingerprint(x, y)
         return LocalData(name or f"owner-{fingerprint[:8]}", x, y, tuple(x.shape[1:]), num_classes, fingerprint)
