@@ -1,3 +1,3 @@
 """The data owner's side: local DP-SGD training, privacy ledger and the Flower ClientApp."""
 
-import common  # noqa: E402,F401  (first: turns Flower's telemetry off before flwr is imported)
+import fedpriv.common  # noqa: E402,F401  (first: turns Flower's telemetry off before flwr is imported)

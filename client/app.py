@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.owner_policy import OwnerPolicy
-from client.privacy_mods import privacy_mods
-from common import records
-from common.config import RunConfig
-from common.errors import ConfigError, UserInputError
+from fedpriv.client.owner_policy import OwnerPolicy
+from fedpriv.client.privacy_mods import privacy_mods
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import ConfigError, UserInputError
 
 if TYPE_CHECKING:
-    from client.ledger import OwnerLedger
+    from fedpriv.client.ledger import OwnerLedger
 
 # PyTorch, Opacus and SciPy are imported inside train(), not here: Flower's Deployment Runtime starts
 # a fresh ClientApp process for every message, and three of SecAgg+'s four messages per round never
@@ -87,8 +87,8 @@ def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy, state_r
         privacy["client-id"] = str(context.node_config.get("client-name", f"node-{context.node_id}"))
         return _declined(msg, privacy, f"server sent an invalid training config: {exc}", math.nan)
 
-    from client.ledger import LedgerError, StateDirBusy, locked_ledger
-    from client.local_data import local_data
+    from fedpriv.client.ledger import LedgerError, StateDirBusy, locked_ledger
+    from fedpriv.client.local_data import local_data
 
     data = local_data(asked, dict(context.node_config))
     privacy.update({"client-id": data.client_id, "fingerprint": data.fingerprint})
@@ -105,9 +105,9 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
                   state_dir: Path, privacy: ConfigRecord, run_id: str, server_round: int) -> Message:
     import torch
 
-    from client.dp_training import train_round
-    from client.ledger import Decline, Release, now
-    from common.models import model_from_config
+    from fedpriv.client.dp_training import train_round
+    from fedpriv.client.ledger import Decline, Release, now
+    from fedpriv.common.models import model_from_config
 
     run = policy.resolve(asked)
     ledger.policy = asdict(policy)
@@ -173,7 +173,7 @@ def _fit_to_run(msg: Message, data) -> tuple[int, str | None]:  # noqa: ANN001 -
     config = msg.content[records.CONFIG]
     classes = int(config[records.RUN_CLASSES]) if records.RUN_CLASSES in config else data.num_classes
     shape = tuple(int(d) for d in config[records.RUN_INPUT_SHAPE]) if records.RUN_INPUT_SHAPE in config else None
-    from common.datasets import MAX_CLASSES
+    from fedpriv.common.datasets import MAX_CLASSES
 
     if not 0 <= classes <= MAX_CLASSES:  # the owner's machine builds this model: never a server-sized allocation
         return data.num_classes, f"the run declares {classes} classes; this client builds at most {MAX_CLASSES}"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset, default_collate
 
-from common.csprng import csprng_uniform
+from fedpriv.common.csprng import csprng_uniform
 
 
 class FixedPartitionSampler(Sampler[list[int]]):

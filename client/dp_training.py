@@ -21,11 +21,11 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.batch_sampling import fixed_partition_loader
-from client.grad_sample_modes import make_private, resolve
-from common.config import RunConfig
-from common.evaluation import task_loss
-from common.privacy import Mechanism, epsilon_for, round_mechanism
+from fedpriv.client.batch_sampling import fixed_partition_loader
+from fedpriv.client.grad_sample_modes import make_private, resolve
+from fedpriv.common.config import RunConfig
+from fedpriv.common.evaluation import task_loss
+from fedpriv.common.privacy import Mechanism, epsilon_for, round_mechanism
 
 # Opacus (re)configures loggers on import in some setups; keep Flower's at its own level.
 logging.getLogger("flwr").setLevel(logging.INFO)

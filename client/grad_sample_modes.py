@@ -30,9 +30,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from client.bookkeeping import BookkeepingClipper, BookkeepingLoss, per_sample_loss, supports
-from client.secure_noise import CSPRNG_OPTIMIZERS, CsprngDPOptimizerFastGradientClipping, csprng_poisson_loader
-from common.config import GRAD_SAMPLE_MODES
+from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, per_sample_loss, supports
+from fedpriv.client.secure_noise import CSPRNG_OPTIMIZERS, CsprngDPOptimizerFastGradientClipping, csprng_poisson_loader
+from fedpriv.common.config import GRAD_SAMPLE_MODES
 
 MODES = tuple(m for m in GRAD_SAMPLE_MODES if m != "auto")  # concrete modes; "auto" picks one
 

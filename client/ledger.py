@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from common.atomic_io import read_json, write_json
-from common.errors import PrivacyPolicyError
-from common.privacy import Mechanism, epsilon_for
+from fedpriv.common.atomic_io import read_json, write_json
+from fedpriv.common.errors import PrivacyPolicyError
+from fedpriv.common.privacy import Mechanism, epsilon_for
 
 LEDGER_FILE = "ledger.json"
 LOCK_FILE = ".ledger.lock"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import RunConfig
-from common.datasets import load_dataset, npz_records
-from common.partitioning import partition
-from common.privacy import data_fingerprint
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset, npz_records
+from fedpriv.common.partitioning import partition
+from fedpriv.common.privacy import data_fingerprint
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from common import audit as stats
-from common.config import ACCOUNTANTS, GRAD_SAMPLE_MODES, check_choice
-from common.errors import UserInputError
+from fedpriv.common import audit as stats
+from fedpriv.common.config import ACCOUNTANTS, GRAD_SAMPLE_MODES, check_choice
+from fedpriv.common.errors import UserInputError
 
 if TYPE_CHECKING:
     import torch
@@ -255,8 +255,8 @@ def released_scores(mode: str, noise_multiplier: float, trials: int, *, max_grad
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from client.dp_training import train_step
-    from client.grad_sample_modes import make_private
+    from fedpriv.client.dp_training import train_step
+    from fedpriv.client.grad_sample_modes import make_private
 
     batches = round(1 / sample_rate)
     data_seed, sampler_seed, noise_seed = np.random.SeedSequence(seed).generate_state(3)
@@ -306,7 +306,7 @@ def audit_mechanism(mode: str, noise_multiplier: float, trials: int, *, max_grad
 
     Raises ``UserInputError`` for options outside what the audit supports (see :func:`check_options`).
     """
-    from common.privacy import epsilon_for
+    from fedpriv.common.privacy import epsilon_for
 
     (mode,) = check_options([mode], noise_multiplier, trials, noise_scale, sample_rate, delta, accountant,
                             max_grad_norm)

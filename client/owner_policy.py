@@ -24,8 +24,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
-from common.config import DECISION_ACCOUNTANTS, RunConfig
-from common.errors import PrivacyPolicyError
+from fedpriv.common.config import DECISION_ACCOUNTANTS, RunConfig
+from fedpriv.common.errors import PrivacyPolicyError
 
 Mechanism = tuple[float, float, int]  # common.privacy's (noise, rate, steps); imported lazily: it loads Opacus
 
@@ -132,7 +132,7 @@ class OwnerPolicy:
 
     def planned(self, run: RunConfig, num_records: int) -> Mechanism:
         """The history entry the round would add, from the config this owner actually runs."""
-        from common.privacy import round_mechanism
+        from fedpriv.common.privacy import round_mechanism
 
         return round_mechanism(run.noise_multiplier, num_records, run.batch_size, run.local_epochs,
                                self.poisson_sampling)

@@ -17,8 +17,8 @@ from flwr.app import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.secagg_guard import guarded_secaggplus_mod
-from common import records
+from fedpriv.client.secagg_guard import guarded_secaggplus_mod
+from fedpriv.common import records
 
 ARRAY_NAMES = "array-names"  # set by server/secure_aggregation.py: legacy Parameters carry no names
 FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"

@@ -55,7 +55,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from common import records
+from fedpriv.common import records
 
 log = logging.getLogger("fedpriv.client")
 

@@ -33,7 +33,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from common.csprng import csprng_standard_normal, csprng_uniform  # noqa: F401 - csprng_uniform re-exported
+from fedpriv.common.csprng import csprng_standard_normal, csprng_uniform  # noqa: F401 - csprng_uniform re-exported
 
 def csprng_normal(shape: torch.Size | tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian noise N(0, std^2) by Box-Muller on CSPRNG uniforms (``common.csprng``)."""

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from common.config import check_port
-from common.errors import UserInputError
-from client.ledger import load_ledger
-from client.owner_policy import OwnerPolicy
-from common.processes import descendants, die_with_parent, venv_env
+from fedpriv.common.config import check_port
+from fedpriv.common.errors import UserInputError
+from fedpriv.client.ledger import load_ledger
+from fedpriv.client.owner_policy import OwnerPolicy
+from fedpriv.common.processes import descendants, die_with_parent, venv_env
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,14 @@ def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
     1..65535 a :class:`~common.errors.ConfigError`, the policy a ``PrivacyPolicyError``, the data a
     ``DataError``, an unreachable server or bad keys a plain ``FedprivError``.
     """
-    from common.certificates import check_key_pair, load_certificate, load_openssh_private_key
+    from fedpriv.common.certificates import check_key_pair, load_certificate, load_openssh_private_key
 
     check_port("local-port", spec.local_port)
     spec.policy.validate()
     if spec.data.startswith("npz:"):
         path = Path(spec.data[4:]).expanduser()
-        from common.budget_planning import check_delta
-        from common.datasets import npz_records
+        from fedpriv.common.budget_planning import check_delta
+        from fedpriv.common.datasets import npz_records
 
         x, _, _ = npz_records(path)  # raises a clear error for a missing or malformed file
         check_delta(spec.policy.delta, len(x))

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from common.errors import UserInputError
-from common.privacy import Mechanism, check_accountant, epsilon_for
-from common.privacy import round_mechanism as privacy_round_mechanism
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.privacy import Mechanism, check_accountant, epsilon_for
+from fedpriv.common.privacy import round_mechanism as privacy_round_mechanism
 
 # Search range for the noise multiplier. Below MIN_NOISE DP-SGD's epsilon is in the hundreds and
 # PRV's numerics take minutes or give up; above MAX_NOISE nothing useful is learnt, and the

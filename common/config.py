@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from common.errors import ConfigError
+from fedpriv.common.errors import ConfigError
 
 MODELS = ("cnn", "rnn", "autoencoder")
 BUILTIN_DATASETS = ("digits", "mnist1d")

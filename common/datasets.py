@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_io import atomic_write
-from common.errors import DataError
+from fedpriv.common.atomic_io import atomic_write
+from fedpriv.common.errors import DataError
 
 MAX_CLASSES = 1000  # labels are class indices 0..MAX_CLASSES-1: the model gets one output per class
 

@@ -16,7 +16,7 @@ import torch
 from opacus.layers import DPGRU
 from torch import nn
 
-from common.errors import UserInputError
+from fedpriv.common.errors import UserInputError
 
 CLASSIFIERS = ("cnn", "rnn")
 SEQUENCE_CHUNK = 8  # 1-D sequences: time steps per GRU step (see SequenceClassifier)

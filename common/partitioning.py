@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import DataError
+from fedpriv.common.errors import DataError
 
 MIN_SAMPLES_PER_CLIENT = 2
 

@@ -34,8 +34,8 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy import optimize
 from scipy.stats import norm
 
-from common.config import ACCOUNTANTS, DECISION_ACCOUNTANTS  # noqa: F401 - re-exported
-from common.errors import UserInputError
+from fedpriv.common.config import ACCOUNTANTS, DECISION_ACCOUNTANTS  # noqa: F401 - re-exported
+from fedpriv.common.errors import UserInputError
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' history format
 

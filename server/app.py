@@ -6,10 +6,10 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from server.federation import RoundObserver, run_federation
-from server.run_dir import resolve_run_dir
-from server.preflight import preflight
+from fedpriv.common.config import RunConfig
+from fedpriv.server.federation import RoundObserver, run_federation
+from fedpriv.server.run_dir import resolve_run_dir
+from fedpriv.server.preflight import preflight
 
 
 def build_server_app(cfg: RunConfig, observer: RoundObserver | None = None) -> ServerApp:

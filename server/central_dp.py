@@ -54,10 +54,10 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import compute_stdv
 
-from common.config import RunConfig
-from common.csprng import csprng_gaussian
-from common.errors import UserInputError
-from server.cohort import samples_secretly, secret_cohort
+from fedpriv.common.config import RunConfig
+from fedpriv.common.csprng import csprng_gaussian
+from fedpriv.common.errors import UserInputError
+from fedpriv.server.cohort import samples_secretly, secret_cohort
 
 NEIGHBOURING = "replace one client's data"
 log = logging.getLogger("fedpriv.server")

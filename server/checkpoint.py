@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from common.atomic_io import atomic_write
-from common.errors import UserInputError
+from fedpriv.common.atomic_io import atomic_write
+from fedpriv.common.errors import UserInputError
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "final_model.pt"

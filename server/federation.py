@@ -23,18 +23,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from common import records
-from common.atomic_io import write_json
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.evaluation import evaluate
-from common.models import check_fit, model_from_config
-from server.central_dp import amplification_holds, release_noise_multiplier
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
-from server.report import RunReport
-from server.secure_aggregation import run_secure_round
-from server.strategy_factory import build_strategy
-from server.update_validation import (UpdateLimits, client_records, norm_bit, server_weight, update_limits,
+from fedpriv.common import records
+from fedpriv.common.atomic_io import write_json
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.evaluation import evaluate
+from fedpriv.common.models import check_fit, model_from_config
+from fedpriv.server.central_dp import amplification_holds, release_noise_multiplier
+from fedpriv.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
+from fedpriv.server.report import RunReport
+from fedpriv.server.secure_aggregation import run_secure_round
+from fedpriv.server.strategy_factory import build_strategy
+from fedpriv.server.update_validation import (UpdateLimits, client_records, norm_bit, server_weight, update_limits,
                                       update_problem)
 
 log = logging.getLogger("fedpriv.server")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from common.config import RunConfig
-from common.errors import UserInputError
-from common.datasets import Dataset, load_dataset
-from common.models import check_fit
-from common.partitioning import partition
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.datasets import Dataset, load_dataset
+from fedpriv.common.models import check_fit
+from fedpriv.common.partitioning import partition
 
 logger = logging.getLogger("fedpriv")
 
@@ -40,7 +40,7 @@ def plan_privacy(cfg: RunConfig, client_sizes: list[int]) -> float | None:
     """
     if not cfg.dp:
         return None
-    from common.budget_planning import check_delta, noise_for_target  # imports Opacus: only with DP on
+    from fedpriv.common.budget_planning import check_delta, noise_for_target  # imports Opacus: only with DP on
 
     smallest = min(client_sizes)
     check_delta(cfg.delta, smallest)

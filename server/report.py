@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.atomic_io import read_json, write_json, write_text
-from common.errors import UserInputError
+from fedpriv.common.atomic_io import read_json, write_json, write_text
+from fedpriv.common.errors import UserInputError
 
 GUARANTEE = (
     "Each client's records are protected by sample-level ({eps}, {delta})-differential privacy "
@@ -118,7 +118,7 @@ class RunReport:
         was ``secret_cohort`` (CSPRNG-sampled, picked by a trusted server: ``amplification_holds``) and
         smaller than the population; it holds only against those who see the global models alone.
         """
-        from server.central_dp import user_level_epsilon  # dp-accounting is imported only by central-DP runs
+        from fedpriv.server.central_dp import user_level_epsilon  # dp-accounting is imported only by central-DP runs
 
         releases = self.central.setdefault("releases", [])
         releases.append({"round": server_round, "noise_multiplier": noise_multiplier, "sampled": sampled,
@@ -294,7 +294,7 @@ class RunReport:
 
 
 def _save_fig(fig, path: Path) -> None:
-    from common.atomic_io import atomic_write
+    from fedpriv.common.atomic_io import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
 

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import UserInputError
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
 
 
 def resolve_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:

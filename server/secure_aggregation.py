@@ -29,8 +29,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from common import records
-from common.config import RunConfig
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
 
 log = logging.getLogger("fedpriv.server")
 

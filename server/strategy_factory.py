@@ -5,10 +5,10 @@ from __future__ import annotations
 from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
                                      Strategy)
 
-from common import records
-from common.config import RunConfig
-from server.central_dp import wrap_central_dp
-from server.cohort import secret_cohort
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.server.central_dp import wrap_central_dp
+from fedpriv.server.cohort import secret_cohort
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:

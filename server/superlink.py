@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common.config import RunConfig, check_port
-from common.errors import UserInputError
-from common.processes import Child, port_in_use, venv_env, wait_for_port
+from fedpriv.common.config import RunConfig, check_port
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.processes import Child, port_in_use, venv_env, wait_for_port
+from fedpriv.server.flower_app import toml_value, write_app_project
 
 CONNECTION = "fedpriv"
 OPERATOR_HOST = "127.0.0.1"  # the Control and Runtime APIs listen here only
 CONTROL_PORT = 9093  # Flower's usual Control API port
-APP_DIR = Path(__file__).resolve().parents[1]  # the Flower App (pyproject.toml with [tool.flwr.app])
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _same_ip(a: str, b: str) -> bool:
 def _names_loopback(server_cert: Path) -> bool:
     from cryptography import x509
 
-    from common.certificates import load_certificate
+    from fedpriv.common.certificates import load_certificate
 
     try:
         names = load_certificate(server_cert, "server certificate").extensions.get_extension_for_class(
@@ -131,7 +131,7 @@ class SuperLink:
         # Flower's flower-superlink, with a longer SQLite lock wait and every API but the Fleet API on
         # the operator's loopback address only (see server/superlink_process.py)
         fleet_host = f"[{self.host}]" if ":" in self.host else self.host
-        argv = [sys.executable, "-m", "server.superlink_process", "--host", OPERATOR_HOST,
+        argv = [sys.executable, "-m", "fedpriv.server.superlink_process", "--host", OPERATOR_HOST,
                 "--port", str(self.control_port), "--fleet-address", f"{fleet_host}:{self.port}",
                 "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
         if self.tls:
@@ -188,8 +188,9 @@ class SuperLink:
 
     def submit(self, cfg: RunConfig) -> int:
         """``flwr run`` the app with ``cfg`` as run config; returns Flower's run id."""
-        overrides = " ".join(f"{k}={_toml(v)}" for k, v in cfg.to_dict(kebab=True).items())
-        res = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", overrides, timeout=300)
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.to_dict(kebab=True).items())
+        app_dir = write_app_project(self.run_dir / "flower-app")  # the installed package, not a source tree
+        res = self.flwr("run", str(app_dir), CONNECTION, "--run-config", overrides, timeout=300)
         match = re.search(r"started run (\d+)", res.stdout + res.stderr)
         if res.returncode != 0 or not match:
             raise UserInputError(f"flwr run failed: {_last_line(res.stdout + res.stderr)}")
@@ -224,14 +225,6 @@ class SuperLink:
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
 def _last_line(text: str) -> str:

@@ -23,7 +23,7 @@ import ipaddress
 import socket
 import sys
 
-import common  # noqa: F401  (first: turns Flower's telemetry off before flwr is imported)
+import fedpriv.common  # noqa: F401  (first: turns Flower's telemetry off before flwr is imported)
 
 BUSY_TIMEOUT_MS = 120_000
 FLEET_ADDRESS_FLAG = "--fleet-address"

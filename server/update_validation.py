@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import ArrayRecord
 
-from common.config import RunConfig
-from common.errors import UserInputError
-from server.strategy_factory import weight_key
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.server.strategy_factory import weight_key
 
 if TYPE_CHECKING:
-    from common.datasets import Dataset
+    from fedpriv.common.datasets import Dataset
 
 # Without DP-SGD nothing clips gradients, so the bound assumes a mean batch gradient of at most this norm
 # (times the slack: 10 in all, 2.3x the largest seen in honest rounds, see README "Privacy guarantees").
@@ -143,7 +143,7 @@ def client_records(cfg: RunConfig, data: Dataset) -> tuple[int, int]:
     """
     if cfg.max_client_records > 0:
         return min(cfg.batch_size, cfg.max_client_records), cfg.max_client_records
-    from common.partitioning import partition
+    from fedpriv.common.partitioning import partition
 
     try:
         parts = partition(data.y_train, len(data.x_train), cfg.num_clients, cfg.partitioning, seed=cfg.seed,

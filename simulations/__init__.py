@@ -1,3 +1,3 @@
 """Local simulation, the ``fedpriv`` command line and (later) launchers and benchmarks."""
 
-import common  # noqa: E402,F401  (first: turns Flower's telemetry off before flwr is imported)
+import fedpriv.common  # noqa: E402,F401  (first: turns Flower's telemetry off before flwr is imported)

@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import audit as stats
-from common.atomic_io import read_json, write_json
-from common.config import RunConfig
-from common.datasets import Dataset, load_dataset
-from common.errors import ConfigError, UserInputError
-from common.models import check_fit, model_from_config
-from common.partitioning import partition
-from common.privacy import data_fingerprint
-from server.checkpoint import FINAL_MODEL
-from server.report import RunReport
+from fedpriv.common import audit as stats
+from fedpriv.common.atomic_io import read_json, write_json
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import Dataset, load_dataset
+from fedpriv.common.errors import ConfigError, UserInputError
+from fedpriv.common.models import check_fit, model_from_config
+from fedpriv.common.partitioning import partition
+from fedpriv.common.privacy import data_fingerprint
+from fedpriv.server.checkpoint import FINAL_MODEL
+from fedpriv.server.report import RunReport
 
 AUDIT_FILE = "audit.json"
 MIN_RECORDS = 20  # per side; fewer cannot say anything
@@ -94,7 +94,7 @@ def _check_ledger_matches(run_dir: Path, client_id: str, x: np.ndarray, y: np.nd
 
     Catches a dataset file changed after the run, which would silently audit the wrong records.
     """
-    from client.ledger import LEDGER_FILE, load_ledger
+    from fedpriv.client.ledger import LEDGER_FILE, load_ledger
 
     state_dir = run_dir / "clients" / client_id
     if not (state_dir / LEDGER_FILE).is_file():

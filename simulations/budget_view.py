@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from client.ledger import LEDGER_FILE, LEGACY_DIR, OwnerLedger, load_ledger
-from client.owner_policy import OwnerPolicy
-from common.config import DECISION_ACCOUNTANTS
-from common.errors import UserInputError
-from common.privacy import Mechanism, epsilon_for, round_mechanism
+from fedpriv.client.ledger import LEDGER_FILE, LEGACY_DIR, OwnerLedger, load_ledger
+from fedpriv.client.owner_policy import OwnerPolicy
+from fedpriv.common.config import DECISION_ACCOUNTANTS
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.privacy import Mechanism, epsilon_for, round_mechanism
 
 MAX_ROUNDS_SHOWN = 100_000  # "how many more rounds fit" stops counting here
 
@@ -165,7 +165,7 @@ def plot_budget(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.atomic_io import atomic_write
+    from fedpriv.common.atomic_io import atomic_write
 
     values = [r["cumulative_epsilon"] for r in summary["releases"]]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -9,11 +9,11 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from common.config import RunConfig, check_port
-from common.errors import UserInputError
-from client.owner_policy import DEFAULT_BUDGET, DEFAULT_DELTA, DEFAULT_MIN_NOISE
-from simulations.bench.app import bench_app
-from simulations.command import EXIT_USER_ERROR, fail, fast_exit, guarded  # noqa: F401 - EXIT_USER_ERROR re-exported
+from fedpriv.common.config import RunConfig, check_port
+from fedpriv.common.errors import UserInputError
+from fedpriv.client.owner_policy import DEFAULT_BUDGET, DEFAULT_DELTA, DEFAULT_MIN_NOISE
+from fedpriv.simulations.bench.app import bench_app
+from fedpriv.simulations.command import EXIT_USER_ERROR, fail, fast_exit, guarded  # noqa: F401 - EXIT_USER_ERROR re-exported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated learning with differential privacy: Flower + Opacus.")
@@ -55,11 +55,11 @@ def simulate(cfg: RunConfig) -> None:
     Example: fedpriv simulate --model rnn --dataset mnist1d --num-clients 10 --num-rounds 5
     """
     cfg.validate()  # before the heavy imports: a wrong option fails in a fraction of a second
-    from simulations.console import RoundProgress, console, privacy_setup, results_table
-    from simulations.simulate import simulate as run_simulation
+    from fedpriv.simulations.console import RoundProgress, console, privacy_setup, results_table
+    from fedpriv.simulations.simulate import simulate as run_simulation
 
     if cfg.dp and cfg.target_epsilon > 0:  # derive the noise now, to show it; simulate's own preflight reuses it
-        from server.preflight import preflight
+        from fedpriv.server.preflight import preflight
 
         preflight(cfg)
         console.print(f"noise multiplier {cfg.noise_multiplier:.4g} derived for target epsilon {cfg.target_epsilon:g}")
@@ -75,8 +75,8 @@ def simulate(cfg: RunConfig) -> None:
 @guarded
 def report(run_dir: Annotated[Path, typer.Argument(help="Folder of a finished run.")]) -> None:
     """Re-render the report (report.md and plots) of a finished run and print its table."""
-    from server.report import RunReport
-    from simulations.console import console, results_table
+    from fedpriv.server.report import RunReport
+    from fedpriv.simulations.console import console, results_table
 
     rep = RunReport.load(run_dir)
     rep.write(run_dir)
@@ -117,7 +117,7 @@ def audit(
         if run_dir is not None:
             raise UserInputError(f"--mechanism audits the DP-SGD step itself and takes no RUN_DIR (got {run_dir}); "
                                  "drop one of the two")
-        from client.mechanism_audit import DEFAULT_MODES, DEFAULT_TRIALS, audit_mechanism, check_options
+        from fedpriv.client.mechanism_audit import DEFAULT_MODES, DEFAULT_TRIALS, audit_mechanism, check_options
 
         options = dict(noise_multiplier=RunConfig.noise_multiplier if noise_multiplier is None else noise_multiplier,
                        max_grad_norm=RunConfig.max_grad_norm if max_grad_norm is None else max_grad_norm,
@@ -125,8 +125,8 @@ def audit(
                        sample_rate=1.0 if sample_rate is None else sample_rate,
                        delta=RunConfig.delta if delta is None else delta, accountant=accountant or "rdp")
         modes = check_options(list(grad_sample_mode or DEFAULT_MODES), **options)  # before the heavy imports
-        from simulations.audit import mechanism_notes, mechanism_table
-        from simulations.console import console
+        from fedpriv.simulations.audit import mechanism_notes, mechanism_table
+        from fedpriv.simulations.console import console
 
         audits = [audit_mechanism(mode, **options, secure_mode=secure_mode, seed=seed) for mode in modes]
         console.print(mechanism_table(audits))
@@ -144,8 +144,8 @@ def audit(
         raise UserInputError(f"{', '.join(given)} only apply with --mechanism; a run audit takes RUN_DIR and --seed")
     if run_dir is None:
         raise UserInputError("give RUN_DIR (a finished run's folder) or --mechanism (audit the DP-SGD step itself)")
-    from simulations.audit import AUDIT_FILE, audit_run, audit_table, notes
-    from simulations.console import console
+    from fedpriv.simulations.audit import AUDIT_FILE, audit_run, audit_table, notes
+    from fedpriv.simulations.console import console
 
     result = audit_run(run_dir, seed=seed)
     console.print(audit_table(result))
@@ -180,8 +180,8 @@ def plan_budget(
                              "(to compute epsilon)")
     from rich.table import Table
 
-    from common.budget_planning import describe_plan, noise_for_target
-    from simulations.console import console
+    from fedpriv.common.budget_planning import describe_plan, noise_for_target
+    from fedpriv.simulations.console import console
 
     plan_args = (delta, rounds, local_epochs, batch_size, dataset_size, accountant)
     noise = noise_multiplier if target_epsilon is None else noise_for_target(target_epsilon, *plan_args)
@@ -204,7 +204,7 @@ def certs(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Make a CA, a server certificate for the given hosts and one key pair per client."""
-    from common.certificates import make_certificates
+    from fedpriv.common.certificates import make_certificates
 
     # The operator's own processes (Control API, SuperExec) reach the SuperLink on loopback: always name it.
     host = list(dict.fromkeys([*host, "localhost", "127.0.0.1"]))
@@ -232,17 +232,17 @@ def server(
     start); the Control API that registers keys and starts/stops runs answers on 127.0.0.1 only.
     """
     cfg.validate()
-    from server.superlink import OPERATOR_HOST, ServerTLS, SuperLink, check_bind
-    from server.run_dir import resolve_run_dir
-    from simulations.console import ReportWatcher, console, results_table
-    from server.preflight import preflight
-    from common.processes import install_signal_handlers
+    from fedpriv.server.superlink import OPERATOR_HOST, ServerTLS, SuperLink, check_bind
+    from fedpriv.server.run_dir import resolve_run_dir
+    from fedpriv.simulations.console import ReportWatcher, console, results_table
+    from fedpriv.server.preflight import preflight
+    from fedpriv.common.processes import install_signal_handlers
 
     if certs is None and not insecure:
         fail("--certs is required (make them with 'fedpriv certs'); --insecure is for loopback tests only")
     tls = None
     if certs is not None and not insecure:
-        from common.certificates import verify_server_certificate
+        from fedpriv.common.certificates import verify_server_certificate
 
         tls = ServerTLS(certs / "ca.crt", certs / "server.pem", certs / "server.key",
                         tuple(sorted((certs / "clients").glob("*.pub"))))
@@ -258,7 +258,7 @@ def server(
                       "budget declines the round.")
     run_dir = resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    from server.checkpoint import load_checkpoint
+    from fedpriv.server.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run_dir)
     done = ckpt.server_round if ckpt else 0
@@ -279,7 +279,7 @@ def server(
         link.stop()
     if status != "finished:completed":
         fail(f"the run ended as '{status}'; see {run_dir / 'logs'} and 'flwr log' in {run_dir / 'flwr-home'}")
-    from server.report import RunReport
+    from fedpriv.server.report import RunReport
 
     console.print(results_table(RunReport.load(run_dir)))
     console.print(f"run folder: {run_dir}")
@@ -311,17 +311,17 @@ def client(
     The policy is enforced here, on the owner's machine: a round the server asks for that the policy
     does not allow (no DP, too little noise, over the budget) is declined, and the server's report says why.
     """
-    from client.ledger import client_lock
-    from client.owner_policy import OwnerPolicy
-    from client.supernode import ClientSpec, parse_server, preflight, run_supernode, supernode_argv
-    from common.processes import free_port
+    from fedpriv.client.ledger import client_lock
+    from fedpriv.client.owner_policy import OwnerPolicy
+    from fedpriv.client.supernode import ClientSpec, parse_server, preflight, run_supernode, supernode_argv
+    from fedpriv.common.processes import free_port
 
     if not insecure and (ca is None or key is None):
         fail("--ca and --key are required (from 'fedpriv certs'); --insecure is for loopback tests only")
     host, _ = parse_server(server)
     check_port("local-port", local_port, zero_means="any free one")
     if insecure:
-        from server.superlink import is_loopback
+        from fedpriv.server.superlink import is_loopback
 
         if not is_loopback(host):
             fail(f"--insecure is only allowed against a loopback server (got {host}); use --ca and --key")
@@ -363,7 +363,7 @@ def budget(
     """
     import json as json_module
 
-    from simulations.budget_view import budget_summary, budget_table, plot_budget
+    from fedpriv.simulations.budget_view import budget_summary, budget_table, plot_budget
 
     summary = budget_summary(state_dir, noise_multiplier=noise_multiplier, local_epochs=local_epochs,
                              batch_size=batch_size, records=records, budget_epsilon=budget_epsilon, delta=delta,
@@ -371,11 +371,11 @@ def budget(
     if plot is not None:
         plot_budget(summary, plot)
     if as_json:
-        from common.atomic_io import _json_safe
+        from fedpriv.common.atomic_io import _json_safe
 
         typer.echo(json_module.dumps(_json_safe(summary), indent=2))
         return
-    from simulations.console import console
+    from fedpriv.simulations.console import console
 
     for renderable in budget_table(summary):
         console.print(renderable)
@@ -392,12 +392,12 @@ def federation(cfg: RunConfig) -> None:
     Each process logs to <run-dir>/logs/; all of them are stopped at the end, on error and on Ctrl-C.
     """
     cfg.validate()
-    from server.report import RunReport
-    from server.run_dir import resolve_run_dir
-    from simulations.console import ReportWatcher, console, results_table
-    from simulations.federation import LocalFederation
-    from server.preflight import preflight
-    from common.processes import install_signal_handlers
+    from fedpriv.server.report import RunReport
+    from fedpriv.server.run_dir import resolve_run_dir
+    from fedpriv.simulations.console import ReportWatcher, console, results_table
+    from fedpriv.simulations.federation import LocalFederation
+    from fedpriv.server.preflight import preflight
+    from fedpriv.common.processes import install_signal_handlers
 
     preflight(cfg)
     run_dir = resolve_run_dir(cfg)

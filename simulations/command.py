@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import typer
 
-from common.errors import UserInputError
+from fedpriv.common.errors import UserInputError
 
 EXIT_USER_ERROR = 2
 
@@ -37,7 +37,7 @@ def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, never a traceback
-            from simulations.simulate import FederationFailed
+            from fedpriv.simulations.simulate import FederationFailed
 
             if isinstance(exc, FederationFailed):
                 fail(str(exc))

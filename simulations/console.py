@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.report import RunReport
+from fedpriv.server.report import RunReport
 
 console = Console(stderr=False)
 

@@ -12,12 +12,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from common.certificates import make_certificates
-from common.config import RunConfig
-from common.errors import UserInputError
-from common.processes import Child, free_port, venv_env, wait_for_port
+from fedpriv.common.certificates import make_certificates
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.processes import Child, free_port, venv_env, wait_for_port
 
-CLI = [sys.executable, "-m", "simulations.cli"]
+CLI = [sys.executable, "-m", "fedpriv.simulations.cli"]
 SERVER_READY = "server listening on"  # `fedpriv server` prints it once every client key is registered
 
 
@@ -37,7 +37,7 @@ def config_flags(cfg: RunConfig) -> list[str]:
 def owner_policy_flags(cfg: RunConfig) -> list[str]:
     """``fedpriv client`` flags for the owners of a local federation: whoever runs it owns every client,
     so their policy is the run's own settings (``OwnerPolicy.of_simulation``), as in ``fedpriv simulate``."""
-    from client.owner_policy import OwnerPolicy
+    from fedpriv.client.owner_policy import OwnerPolicy
 
     policy = OwnerPolicy.of_simulation(cfg)
     flags = ["--budget-epsilon", str(policy.budget_epsilon), "--min-noise-multiplier", repr(policy.min_noise_multiplier),

@@ -9,15 +9,16 @@ import logging
 import os
 from pathlib import Path
 
-from common.config import RunConfig
-from server.federation import RoundObserver
-from server.report import RunReport
-from server.run_dir import resolve_run_dir
-from server.preflight import preflight
+from fedpriv.common.config import RunConfig
+from fedpriv.server.federation import RoundObserver
+from fedpriv.server.report import RunReport
+from fedpriv.server.run_dir import resolve_run_dir
+from fedpriv.server.preflight import preflight
 
 
 # What the ClientApp imports on its first training message; loaded before forking simulation workers.
-CLIENT_MODULES = ("client.dp_training", "client.local_data", "client.ledger", "common.models", "common.privacy")
+CLIENT_MODULES = ("fedpriv.client.dp_training", "fedpriv.client.local_data", "fedpriv.client.ledger", "fedpriv.common.models",
+                  "fedpriv.common.privacy")
 
 
 class FederationFailed(RuntimeError):
@@ -29,8 +30,8 @@ def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[Run
     preflight(cfg)
     run_dir = resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    from client.app import simulation_client_app
-    from server.app import build_server_app
+    from fedpriv.client.app import simulation_client_app
+    from fedpriv.server.app import build_server_app
 
     server_app = build_server_app(cfg, observer)
     client_app = simulation_client_app(cfg)  # the user owns every simulated data set
@@ -38,7 +39,7 @@ def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[Run
         if cfg.simulation_backend == "ray":
             _run_on_ray(cfg, server_app, client_app)
         else:
-            from simulations.inprocess_backend import run_inprocess, worker_count
+            from fedpriv.simulations.inprocess_backend import run_inprocess, worker_count
 
             run_inprocess(server_app, client_app, cfg.num_clients, worker_count(cfg.client_cpus),
                           preload=CLIENT_MODULES)

@@ -33,7 +33,7 @@ def fedpriv(cache_dir):
 
     def run(*args: str, timeout: float = 300) -> CliResult:
         env = {**os.environ, "FEDPRIV_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
-        proc = subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "fedpriv.simulations.cli", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

@@ -14,18 +14,18 @@ from scipy.stats import beta
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from common import audit as st
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.errors import UserInputError
-from common.evaluation import evaluate
-from common.models import model_from_config
-from common.partitioning import partition
-from client.ledger import OwnerLedger, Release
-from common.privacy import data_fingerprint
-from server.checkpoint import FINAL_MODEL
-from server.report import RunReport
-from simulations.audit import audit_run, load_run, per_record_loss, theoretical_epsilon
+from fedpriv.common import audit as st
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.evaluation import evaluate
+from fedpriv.common.models import model_from_config
+from fedpriv.common.partitioning import partition
+from fedpriv.client.ledger import OwnerLedger, Release
+from fedpriv.common.privacy import data_fingerprint
+from fedpriv.server.checkpoint import FINAL_MODEL
+from fedpriv.server.report import RunReport
+from fedpriv.simulations.audit import audit_run, load_run, per_record_loss, theoretical_epsilon
 
 
 # --------------------------------------------------------------------------------- AUC
@@ -213,7 +213,7 @@ def test_theoretical_epsilon_is_the_smaller_of_local_and_user_level():
 
 
 def _cli(*args):
-    from simulations.cli import app
+    from fedpriv.simulations.cli import app
 
     return CliRunner().invoke(app, ["audit", *map(str, args)])
 
@@ -283,7 +283,7 @@ def test_dp_run_resists_the_attack_that_breaks_a_non_private_run(cache_dir, tmp_
     env = {**os.environ, "FEDPRIV_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     runs = {"nodp": [*E2E_RUN, "--no-dp"], "dp": E2E_RUN}
     # Both runs at once: most of a run's time is Ray starting up, which overlaps well.
-    procs = {name: subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fedpriv.simulations.cli", "simulate", *args,
                                      "--run-dir", str(tmp_path / name)], cwd=Path(__file__).parents[1], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name, args in runs.items()}

@@ -6,8 +6,8 @@ import math
 
 from typer.testing import CliRunner
 
-from simulations.bench.dp_overhead import CASES, NO_DP, measure_case, overhead_table
-from simulations.cli import app
+from fedpriv.simulations.bench.dp_overhead import CASES, NO_DP, measure_case, overhead_table
+from fedpriv.simulations.cli import app
 
 
 def test_dp_overhead_prints_the_table_with_auto_marked():
@@ -22,7 +22,7 @@ def test_dp_overhead_prints_the_table_with_auto_marked():
 
 
 def test_measure_case_rows_ratios_and_failing_modes(monkeypatch):
-    import simulations.bench.dp_overhead as bench
+    import fedpriv.simulations.bench.dp_overhead as bench
 
     real = bench._stepper
 

@@ -16,9 +16,9 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from simulations.bench import deployment, framework, peer_example, runner, scale, shared
-from simulations.bench import peer as peer_bench  # "peer" names a child result below
-from simulations.cli import app
+from fedpriv.simulations.bench import deployment, framework, peer_example, runner, scale, shared
+from fedpriv.simulations.bench import peer as peer_bench  # "peer" names a child result below
+from fedpriv.simulations.cli import app
 
 
 # ---------------------------------------------------------------------------------------- unit
@@ -122,8 +122,8 @@ def test_runner_kills_the_whole_tree_on_timeout(tmp_path):
 def test_peer_loader_yields_dict_batches_of_the_same_records(monkeypatch):
     import numpy as np
 
-    from client.local_data import local_data
-    from common.config import RunConfig
+    from fedpriv.client.local_data import local_data
+    from fedpriv.common.config import RunConfig
 
     cfg = RunConfig(num_clients=4, batch_size=16)
     monkeypatch.setenv("FEDPRIV_PEER_CONFIG", json.dumps(cfg.to_dict(kebab=True)))

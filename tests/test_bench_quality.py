@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from common.config import RunConfig
-from simulations.bench.quality import (RECIPES, Recipe, Run, command_line, markdown_table, planned, run_options,
+from fedpriv.common.config import RunConfig
+from fedpriv.simulations.bench.quality import (RECIPES, Recipe, Run, command_line, markdown_table, planned, run_options,
                                         verdict, write_results)
 
 

@@ -14,16 +14,16 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from typer.testing import CliRunner
 
-from client.dp_training import planned_mechanism
-from common.budget_planning import (MAX_NOISE, MIN_NOISE, check_delta, describe_plan, epsilon_for_plan,
+from fedpriv.client.dp_training import planned_mechanism
+from fedpriv.common.budget_planning import (MAX_NOISE, MIN_NOISE, check_delta, describe_plan, epsilon_for_plan,
                                     noise_for_target)
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.errors import UserInputError
-from common.partitioning import partition
-from common.privacy import RDP_ORDERS
-from simulations.cli import app
-from server.preflight import preflight
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.partitioning import partition
+from fedpriv.common.privacy import RDP_ORDERS
+from fedpriv.simulations.cli import app
+from fedpriv.server.preflight import preflight
 
 DELTA = 1e-5
 # A client with 1000 records, batches of 50 (q = 0.05, 20 steps per epoch), 5 rounds of 1 epoch:

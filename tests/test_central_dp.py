@@ -13,20 +13,20 @@ from dp_accounting import rdp as dp_rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from client.privacy_mods import privacy_mods
-from common import records
-from common.config import RunConfig
-from common.errors import UserInputError
-from common.privacy import epsilon_for
-from server.central_dp import (
+from fedpriv.client.privacy_mods import privacy_mods
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.privacy import epsilon_for
+from fedpriv.server.central_dp import (
     ServerSideAdaptiveClipping,
     release_noise_multiplier,
     amplification_holds,
     user_level_epsilon,
     wrap_central_dp,
 )
-from server.report import RunReport
-from server.strategy_factory import build_strategy
+from fedpriv.server.report import RunReport
+from fedpriv.server.strategy_factory import build_strategy
 
 DELTA = 1e-5
 

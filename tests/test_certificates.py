@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.certificates import (
+from fedpriv.common.certificates import (
     CertPaths,
     check_key_pair,
     load_openssh_private_key,
     make_certificates,
     verify_server_certificate,
 )
-from common.errors import UserInputError
+from fedpriv.common.errors import UserInputError
 
 
 def _cert(path: Path) -> x509.Certificate:

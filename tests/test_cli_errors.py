@@ -100,7 +100,7 @@ def test_report_of_missing_run(fedpriv, tmp_path):
 def test_help_documents_every_option(fedpriv):
     from dataclasses import fields
 
-    from common.config import RunConfig
+    from fedpriv.common.config import RunConfig
 
     result = fedpriv("simulate", "--help", timeout=60)
     assert result.returncode == 0

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import UserInputError
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
 
 
 def test_defaults_validate():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from simulations.console import RoundProgress
+from fedpriv.simulations.console import RoundProgress
 
 
 def test_progress_runs_no_thread_until_the_first_round_so_workers_fork_from_one_thread() -> None:

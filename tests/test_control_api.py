@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from common.certificates import make_certificates
-from common.config import RunConfig
-from simulations.federation import CLI, SERVER_READY, config_flags
-from common.processes import Child, free_port, venv_env
+from fedpriv.common.certificates import make_certificates
+from fedpriv.common.config import RunConfig
+from fedpriv.simulations.federation import CLI, SERVER_READY, config_flags
+from fedpriv.common.processes import Child, free_port, venv_env
 
 pytestmark = pytest.mark.e2e
 

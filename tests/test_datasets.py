@@ -7,9 +7,9 @@ import socket
 import numpy as np
 import pytest
 
-from common import datasets
-from common.datasets import load_dataset
-from common.errors import UserInputError
+from fedpriv.common import datasets
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.errors import UserInputError
 
 
 @pytest.fixture(autouse=True)
@@ -193,8 +193,8 @@ def test_channels_last_images_are_detected_and_train_the_founding_cnn(tmp_path):
     """(n, 32, 32, 3), how most image tools save images, was refused; it must read as (n, 3, 32, 32)."""
     import torch
 
-    from common.datasets import channels_last, load_dataset
-    from common.models import build_model, check_fit
+    from fedpriv.common.datasets import channels_last, load_dataset
+    from fedpriv.common.models import build_model, check_fit
 
     rng = np.random.default_rng(0)
     first = rng.normal(size=(40, 3, 32, 32)).astype(np.float32)

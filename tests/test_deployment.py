@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from common.certificates import make_certificates
-from common.config import RunConfig
-from client.ledger import load_ledger
-from common.privacy import epsilon_for
-from simulations.federation import LocalFederation
+from fedpriv.common.certificates import make_certificates
+from fedpriv.common.config import RunConfig
+from fedpriv.client.ledger import load_ledger
+from fedpriv.common.privacy import epsilon_for
+from fedpriv.simulations.federation import LocalFederation
 from tests.test_cli_errors import assert_clean_error
 
 pytestmark = pytest.mark.e2e
@@ -124,7 +124,7 @@ def test_unregistered_and_plaintext_clients_are_refused(fedpriv, tmp_path):
     with LocalFederation(cfg, run_dir) as fed:
         fed.make_certs()
         fed.start_server()
-        from common.processes import wait_for_port
+        from fedpriv.common.processes import wait_for_port
 
         assert wait_for_port("127.0.0.1", fed.port, 120, fed.server), fed.server.tail(20)
         time.sleep(5)  # let the server register its client keys
@@ -171,7 +171,7 @@ def test_client_and_server_bad_input(fedpriv, tmp_path):
                                    timeout=60), "corrupted")
         assert bad.read_text() == "{not json"
     # a state folder held by another running client (a listening port stands in for a reachable server)
-    from client.ledger import client_lock
+    from fedpriv.client.ledger import client_lock
 
     with socket.socket() as listening, client_lock(tmp_path / "held"):
         listening.bind(("127.0.0.1", 0))

@@ -17,14 +17,14 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import client.bookkeeping as bookkeeping
-from client.bookkeeping import BookkeepingClipper, BookkeepingLoss, supports
-from client.dp_training import RoundRandomness, planned_mechanism, train_round
-from client.grad_sample_modes import AUTO_BY_MODEL, AUTO_FALLBACK, MODES, make_private, resolve
-from common.config import GRAD_SAMPLE_MODES, RunConfig
-from common.errors import UserInputError
-from common.evaluation import task_loss
-from common.models import build_model
+import fedpriv.client.bookkeeping as bookkeeping
+from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, supports
+from fedpriv.client.dp_training import RoundRandomness, planned_mechanism, train_round
+from fedpriv.client.grad_sample_modes import AUTO_BY_MODEL, AUTO_FALLBACK, MODES, make_private, resolve
+from fedpriv.common.config import GRAD_SAMPLE_MODES, RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.evaluation import task_loss
+from fedpriv.common.models import build_model
 
 TOL = 1e-4
 CLIP = 0.7  # small enough that most samples are clipped, large enough that some are not
@@ -192,7 +192,7 @@ def test_bookkeeping_sequence_linear_both_norm_routes(monkeypatch, ghost):
 
 def test_train_round_with_empty_poisson_batches_stays_finite(monkeypatch):
     """Batch size 1 on 12 records: about a third of Poisson batches are empty; the round must add up."""
-    import client.dp_training as dp_training
+    import fedpriv.client.dp_training as dp_training
 
     sizes: list[int] = []
     real_step = dp_training.train_step

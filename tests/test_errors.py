@@ -8,13 +8,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.ledger import LedgerError, StateDirBusy, client_lock, load_ledger
-from client.owner_policy import OwnerPolicy
-from common.config import RunConfig, check_port
-from common.datasets import MAX_CLASSES, npz_records
-from common.errors import ConfigError, DataError, FedprivError, PrivacyPolicyError, UserInputError
-from common.partitioning import partition
-from simulations.command import EXIT_USER_ERROR, guarded
+from fedpriv.client.ledger import LedgerError, StateDirBusy, client_lock, load_ledger
+from fedpriv.client.owner_policy import OwnerPolicy
+from fedpriv.common.config import RunConfig, check_port
+from fedpriv.common.datasets import MAX_CLASSES, npz_records
+from fedpriv.common.errors import ConfigError, DataError, FedprivError, PrivacyPolicyError, UserInputError
+from fedpriv.common.partitioning import partition
+from fedpriv.simulations.command import EXIT_USER_ERROR, guarded
 
 KINDS = (ConfigError, DataError, PrivacyPolicyError, LedgerError, StateDirBusy)
 
@@ -153,7 +153,7 @@ def test_audit_keeps_the_config_message_now_that_errors_are_value_errors(tmp_pat
     """``except ValueError`` would now catch a FedprivError too: the audit catches the specific one first."""
     import json
 
-    from simulations.audit import load_run
+    from fedpriv.simulations.audit import load_run
 
     (tmp_path / "config.json").write_text(json.dumps({"delta": 1.5}))
     with pytest.raises(ConfigError) as info:

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.supercore.run import Run
 
-from simulations.inprocess_backend import DirectGrid, run_inprocess, worker_count
+from fedpriv.simulations.inprocess_backend import DirectGrid, run_inprocess, worker_count
 
 
 

@@ -10,6 +10,13 @@ the three. Every import counts: module-level, inside functions and ``if TYPE_CHE
 another without a cycle, so each layer can be read, tested and replaced from the bottom up. The
 benchmarks (``simulations/bench/``) sit apart, on top: only ``simulations/cli.py`` imports them.
 
+The wheel has one top-level package, ``fedpriv``: the folders map to ``fedpriv.common``,
+``fedpriv.client``, ``fedpriv.server`` and ``fedpriv.simulations`` (``[tool.setuptools.package-dir]``)
+and ``src/fedpriv/__init__.py`` is the Python API on top of them all. Every import of the project
+goes through ``fedpriv.``; a bare ``import common`` would only work from a source checkout. Below,
+a module's name drops the ``fedpriv.`` prefix (``common.config`` is ``fedpriv.common.config``) and the
+API package is ``fedpriv``.
+
 The check reads the source with ``ast`` and imports nothing, so it is fast and has no side effects.
 """
 
@@ -22,14 +29,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "client", "server", "simulations")
+TOP = "fedpriv"  # the installed package; its own __init__ (src/fedpriv/) is the Python API
 BENCH = "simulations.bench"  # the benchmarks: apart from the product, on top of it
 
 # What each package may not import, at any depth, by any route.
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "common": frozenset({"client", "server", "simulations"}),
-    "client": frozenset({"server", "simulations"}),
-    "server": frozenset({"client", "simulations"}),
-    "simulations": frozenset(),
+    "common": frozenset({"client", "server", "simulations", TOP}),
+    "client": frozenset({"server", "simulations", TOP}),
+    "server": frozenset({"client", "simulations", TOP}),
+    "simulations": frozenset({TOP}),
+    TOP: frozenset(),
 }
 
 
@@ -41,18 +50,29 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def project_modules(root: Path = ROOT) -> dict[str, Path]:
-    """Every module of the four packages, by dotted name (a package by its ``__init__.py``)."""
+    """Every module of the four packages and of the API package, by dotted name (a package by its
+    ``__init__.py``; ``fedpriv.`` dropped)."""
     found: dict[str, Path] = {}
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             found[module_name(path, root)] = path
+    for path in sorted((root / "src").rglob("*.py")):
+        found[module_name(path, root / "src")] = path
     return found
+
+
+def short_name(target: str) -> str:
+    """``fedpriv.common.x`` -> ``common.x`` (the layer's own name); anything else unchanged."""
+    head, _, rest = target.partition(".")
+    if head == TOP and rest.split(".")[0] in PACKAGES:
+        return rest
+    return target
 
 
 def _from_base(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     """The absolute module that ``from ... import`` reads from (relative levels resolved)."""
     if not node.level:
-        return node.module or ""
+        return short_name(node.module or "")
     package = module if is_package else module.rpartition(".")[0]
     base_parts = package.split(".") if package else []
     up = node.level - 1
@@ -67,7 +87,7 @@ def imported_modules(tree: ast.AST, module: str, is_package: bool) -> list[tuple
     found: list[tuple[str, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.extend((alias.name, node.lineno) for alias in node.names)
+            found.extend((short_name(alias.name), node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             found.append((_from_base(node, module, is_package), node.lineno))
     return found
@@ -81,7 +101,7 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> list[tuple[s
     names: list[tuple[str, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.extend((alias.name, node.lineno) for alias in node.names)
+            names.extend((short_name(alias.name), node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = _from_base(node, module, is_package)
             for alias in node.names:
@@ -110,7 +130,7 @@ def edges(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
         out: dict[str, int] = {}
         for target, line in imported_names(tree, name, path.name == "__init__.py"):
             # Top-level names of the four packages count even when the module does not exist (yet).
-            hit = resolve(target, known) or (target if target.split(".")[0] in PACKAGES else None)
+            hit = resolve(target, known) or (target if target.split(".")[0] in (*PACKAGES, TOP) else None)
             if hit and hit != name:
                 out.setdefault(hit, line)
         graph[name] = out
@@ -196,9 +216,21 @@ def project():
     return modules, edges(modules)
 
 
+def bare_imports(tree: ast.AST) -> list[tuple[str, int]]:
+    """``(module, line)`` of absolute imports of ``common``, ``client``, ``server`` or ``simulations``
+    without the ``fedpriv.`` prefix: names an installed wheel does not have."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in PACKAGES:
+            found.append((node.module or "", node.lineno))
+    return found
+
+
 def test_finds_the_packages(project):
     modules, _ = project
-    for package in PACKAGES:
+    for package in (*PACKAGES, TOP):
         assert package in modules, f"{package}/__init__.py not found"
     assert len(modules) > 40  # the walk really found the source
 
@@ -208,6 +240,16 @@ def test_no_upward_or_sideways_import(project):
     found = layer_violations(graph, modules)
     assert not found, ("imports against the layering simulations/ -> server/, client/ -> common/:\n  "
                        + "\n  ".join(found))
+
+
+def test_every_import_goes_through_the_one_installed_package(project):
+    """``import common`` works from a checkout only; the wheel's one top-level package is ``fedpriv``."""
+    modules, _ = project
+    files = {**{n: p for n, p in modules.items()}, **{p.stem: p for p in (ROOT / "tests").rglob("*.py")}}
+    found = [f"{path.relative_to(ROOT)}:{line}: imports {target}"
+             for path in sorted(set(files.values()))
+             for target, line in bare_imports(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not found, "\n  ".join(["imports without the fedpriv. prefix:", *found])
 
 
 def test_no_import_cycle(project):
@@ -253,15 +295,18 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
 
 def test_checker_sees_every_kind_of_import(tmp_path):
     modules = _tree(tmp_path, {
-        "common/a.py": "def f():\n    from client import b\n",                  # inside a function
-        "client/b.py": "import server.c\n",                                         # import x
+        "common/a.py": "def f():\n    from fedpriv.client import b\n",          # inside a function
+        "client/b.py": "import fedpriv.server.c\n",                                 # import x
         "server/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..simulations.d import X\n",
         "simulations/d.py": "from . import e\n",                                   # relative, allowed
         "simulations/e.py": "from .pkg.f import g\n",
         "simulations/pkg/__init__.py": "from .f import g\n",
         "simulations/pkg/f.py": "from .. import d\n",                             # cycle d -> e -> f -> d
-        "client/g.py": "from common.a import *\n",                                 # allowed
+        "client/g.py": "from fedpriv.common.a import *\n",                         # allowed
+        "server/h.py": "import fedpriv\nfrom fedpriv import simulate\n",           # the API: upward
     })
+    modules["fedpriv"] = tmp_path / "fedpriv_init.py"
+    modules["fedpriv"].write_text("from fedpriv.simulations.d import X\n")
     graph = edges(modules)
     assert graph["client.b"] == {"server.c": 1}
     assert graph["common.a"] == {"client.b": 2}
@@ -279,8 +324,12 @@ def test_checker_sees_every_kind_of_import(tmp_path):
         "client/ imports server.c (server/)",
         "common/ imports client.b (client/)",
         "server/ imports simulations.d (simulations/)",
+        "server/ imports fedpriv (fedpriv/)",
     ]
+    assert graph["fedpriv"] == {"simulations.d": 1}
     assert ["simulations.d", "simulations.e", "simulations.pkg.f"] in cycles(graph)
-    tree = ast.parse("from ..pkg import f\nimport client.b as b\nfrom . import x\n")
+    assert bare_imports(ast.parse("import common.a\nfrom server import c\nimport fedpriv.client\nfrom . import x\n")) == [
+        ("common.a", 1), ("server", 2)]
+    tree = ast.parse("from ..pkg import f\nimport fedpriv.client.b as b\nfrom . import x\n")
     assert imported_modules(tree, "simulations.pkg.f", False) == [
         ("simulations.pkg", 1), ("client.b", 2), ("simulations.pkg", 3)]

@@ -21,17 +21,17 @@ from flwr.common.constant import PARTITION_ID_KEY, SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import simulation_client_app
-from client.dp_training import train_round
-from common import records
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.models import model_from_config
-from common.partitioning import partition
-from server.app import build_server_app
-from server.update_validation import (client_records, norm_bit, server_weight, update_limits, update_norm,
+from fedpriv.client.app import simulation_client_app
+from fedpriv.client.dp_training import train_round
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.models import model_from_config
+from fedpriv.common.partitioning import partition
+from fedpriv.server.app import build_server_app
+from fedpriv.server.update_validation import (client_records, norm_bit, server_weight, update_limits, update_norm,
                                       update_norm_bound, update_problem)
-from simulations.inprocess_backend import DirectGrid
+from fedpriv.simulations.inprocess_backend import DirectGrid
 from tests.conftest import ROOT
 
 

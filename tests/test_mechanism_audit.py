@@ -16,9 +16,9 @@ from scipy import optimize
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-import client.grad_sample_modes as gsm
-from client.mechanism_audit import audit_mechanism, check_options, theoretical_epsilon
-from common.errors import UserInputError
+import fedpriv.client.grad_sample_modes as gsm
+from fedpriv.client.mechanism_audit import audit_mechanism, check_options, theoretical_epsilon
+from fedpriv.common.errors import UserInputError
 
 SIGMA = 1.5  # the project's default noise multiplier
 TRIALS = 2000  # per world; seeds 0-9 gave bounds of 0.79-1.38, and 3.95-4.74 at a quarter noise (theory 2.75)
@@ -130,7 +130,7 @@ def test_cli_bad_option_is_one_line_and_exit_2(fedpriv):
 
 
 def _cli(*args: str):
-    from simulations.cli import app
+    from fedpriv.simulations.cli import app
 
     return CliRunner().invoke(app, ["audit", *args])
 

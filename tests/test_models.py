@@ -7,12 +7,12 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from client.dp_training import RoundRandomness, train_round
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.errors import UserInputError
-from common.evaluation import evaluate
-from common.models import build_model, check_fit, model_from_config
+from fedpriv.client.dp_training import RoundRandomness, train_round
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.evaluation import evaluate
+from fedpriv.common.models import build_model, check_fit, model_from_config
 
 MNIST1D_SAMPLES = 1000
 

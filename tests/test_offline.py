@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("entry", ["simulations.cli", "client.app", "server.app"])
+@pytest.mark.parametrize("entry", ["fedpriv.simulations.cli", "fedpriv.client.app", "fedpriv.server.app"])
 def test_flower_telemetry_is_off(entry):
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK")}
     code = (f"import {entry}, flwr.supercore.telemetry as t, os; "

@@ -111,9 +111,9 @@ def _rounds() -> list[str]:
     import numpy as np
     import torch
 
-    from client.dp_training import RoundRandomness, train_round
-    from common.config import RunConfig
-    from common.models import build_model
+    from fedpriv.client.dp_training import RoundRandomness, train_round
+    from fedpriv.common.config import RunConfig
+    from fedpriv.common.models import build_model
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -219,8 +219,8 @@ def test_secure_mode_builds_the_projects_objects_and_plain_mode_draws_like_opacu
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from client.grad_sample_modes import make_private
-    from client.secure_noise import CsprngDPOptimizer, CsprngPoissonSampler
+    from fedpriv.client.grad_sample_modes import make_private
+    from fedpriv.client.secure_noise import CsprngDPOptimizer, CsprngPoissonSampler
 
     def noise_step(secure: bool, engine_cls=None) -> tuple[torch.Tensor, object]:
         torch.manual_seed(0)

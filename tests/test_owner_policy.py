@@ -19,13 +19,13 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.app import train_for_owner
-from client.ledger import LEDGER_FILE, locked_ledger, load_ledger
-from client.owner_policy import OwnerPolicy
-from common import records
-from common.config import RunConfig
-from common.errors import UserInputError
-from common.models import model_from_config
+from fedpriv.client.app import train_for_owner
+from fedpriv.client.ledger import LEDGER_FILE, locked_ledger, load_ledger
+from fedpriv.client.owner_policy import OwnerPolicy
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.models import model_from_config
 
 ROUND = RunConfig(model="cnn", local_epochs=1, batch_size=50, noise_multiplier=1.5, learning_rate=0.05)
 
@@ -195,7 +195,7 @@ def test_concurrent_rounds_in_threads_are_all_in_the_ledger(owner):
 
 
 def _old_layout(state: Path, fingerprint: str, entries: list[tuple[float, float, int]]) -> Path:
-    from common.privacy import epsilon_for
+    from fedpriv.common.privacy import epsilon_for
 
     folder = state / "ledgers"
     folder.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def test_fixed_partition_sampling_is_accounted_without_amplification(owner):
 def test_fixed_partition_puts_every_record_in_exactly_one_batch_per_epoch():
     import torch
 
-    from client.batch_sampling import FixedPartitionSampler
+    from fedpriv.client.batch_sampling import FixedPartitionSampler
 
     sampler = FixedPartitionSampler(103, 5, torch.Generator().manual_seed(1))
     for _ in range(3):
@@ -274,8 +274,8 @@ def test_noise_and_sampling_streams_are_independent(monkeypatch):
     """
     import torch
 
-    import client.dp_training as dp_training
-    from client.dp_training import train_round
+    import fedpriv.client.dp_training as dp_training
+    from fedpriv.client.dp_training import train_round
 
     seen: dict = {}
     real = dp_training.make_private

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from client.ledger import load_ledger
-from common.config import RunConfig
-from simulations.federation import CLI, LocalFederation
-from common.processes import Child, venv_env, wait_for_port
+from fedpriv.client.ledger import load_ledger
+from fedpriv.common.config import RunConfig
+from fedpriv.simulations.federation import CLI, LocalFederation
+from fedpriv.common.processes import Child, venv_env, wait_for_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from common.errors import UserInputError
-from common.partitioning import MIN_SAMPLES_PER_CLIENT, label_skew, partition
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.partitioning import MIN_SAMPLES_PER_CLIENT, label_skew, partition
 
 METHODS = ("iid", "dirichlet", "shards")
 

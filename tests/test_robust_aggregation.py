@@ -19,16 +19,16 @@ from flwr.serverapp import strategy as flower
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import simulation_client_app
-from common import records
-from common.config import ROBUST_STRATEGIES, RunConfig
-from common.datasets import load_dataset
-from common.errors import UserInputError
-from common.models import model_from_config
-from server.app import build_server_app
-from server.strategy_factory import build_strategy
-from server.update_validation import client_records, update_norm_bound
-from simulations.inprocess_backend import DirectGrid
+from fedpriv.client.app import simulation_client_app
+from fedpriv.common import records
+from fedpriv.common.config import ROBUST_STRATEGIES, RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.errors import UserInputError
+from fedpriv.common.models import model_from_config
+from fedpriv.server.app import build_server_app
+from fedpriv.server.strategy_factory import build_strategy
+from fedpriv.server.update_validation import client_records, update_norm_bound
+from fedpriv.simulations.inprocess_backend import DirectGrid
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -38,12 +38,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from client.privacy_mods import _named_records, privacy_mods
-from client.secagg_guard import CLIPPED_VALUES, GUARD_STATE
-from common import records
-from common.config import RunConfig
-from common.errors import UserInputError
-from server.secure_aggregation import ARRAY_NAMES, _GivenSample, run_secure_round
+from fedpriv.client.privacy_mods import _named_records, privacy_mods
+from fedpriv.client.secagg_guard import CLIPPED_VALUES, GUARD_STATE
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
+from fedpriv.server.secure_aggregation import ARRAY_NAMES, _GivenSample, run_secure_round
 
 NODES = [101, 102, 103, 104, 105]  # partition ids 0..4, weights 10..50
 TARGET = 103

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import UserInputError
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import UserInputError
 from tests.conftest import ROOT
 from tests.test_cli_errors import assert_clean_error
 

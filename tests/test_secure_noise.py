@@ -7,11 +7,11 @@ import pytest
 import torch
 from scipy import stats
 
-from client.dp_training import RoundRandomness, train_round
-from client.secure_noise import CsprngPoissonSampler, csprng_normal, csprng_uniform
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.models import model_from_config
+from fedpriv.client.dp_training import RoundRandomness, train_round
+from fedpriv.client.secure_noise import CsprngPoissonSampler, csprng_normal, csprng_uniform
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.models import model_from_config
 
 
 def test_csprng_gaussian_is_gaussian_with_the_requested_std():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.supercore import sql_mixin
 from flwr.supercore.sql_mixin import SqlMixin
 
-from server.superlink_process import BUSY_TIMEOUT_MS, patch_sqlite_busy_timeout
+from fedpriv.server.superlink_process import BUSY_TIMEOUT_MS, patch_sqlite_busy_timeout
 
 
 class _Store(SqlMixin):
@@ -33,11 +33,11 @@ import asyncio  # noqa: E402
 
 import pytest  # noqa: E402
 
-from common.certificates import make_certificates  # noqa: E402
-from common.errors import UserInputError  # noqa: E402
-from server.superlink import ServerTLS, check_bind  # noqa: E402
-from server.superlink_process import FleetOnlyElsewhere, pop_fleet_address  # noqa: E402
-from common.processes import free_port  # noqa: E402
+from fedpriv.common.certificates import make_certificates  # noqa: E402
+from fedpriv.common.errors import UserInputError  # noqa: E402
+from fedpriv.server.superlink import ServerTLS, check_bind  # noqa: E402
+from fedpriv.server.superlink_process import FleetOnlyElsewhere, pop_fleet_address  # noqa: E402
+from fedpriv.common.processes import free_port  # noqa: E402
 
 OPERATOR = ("127.0.0.1", 9093)
 

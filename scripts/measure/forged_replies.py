@@ -12,11 +12,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY, SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from client.app import simulation_client_app
-from common import records
-from common.config import RunConfig
-from server.app import build_server_app
-from simulations.inprocess_backend import DirectGrid
+from fedpriv.client.app import simulation_client_app
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.server.app import build_server_app
+from fedpriv.simulations.inprocess_backend import DirectGrid
 
 def forge(kind, cfg):
     honest = simulation_client_app(cfg)

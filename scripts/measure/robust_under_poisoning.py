@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import logging; logging.disable(logging.WARNING)
 import tests.test_robust_aggregation as t
-from common.config import RunConfig, ROBUST_STRATEGIES
+from fedpriv.common.config import RunConfig, ROBUST_STRATEGIES
 rounds = int(sys.argv[1]); epochs = int(sys.argv[2])
 d = tempfile.mkdtemp()
 def cfg(name, tag):

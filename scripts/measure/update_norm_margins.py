@@ -6,12 +6,12 @@ import sys, math, time
 from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from common.config import RunConfig
-from common.datasets import load_dataset
-from common.partitioning import partition
-from common.models import model_from_config
-from client.dp_training import train_round
-from server.update_validation import client_records, update_norm_bound
+from fedpriv.common.config import RunConfig
+from fedpriv.common.datasets import load_dataset
+from fedpriv.common.partitioning import partition
+from fedpriv.common.models import model_from_config
+from fedpriv.client.dp_training import train_round
+from fedpriv.server.update_validation import client_records, update_norm_bound
 torch.set_num_threads(1)
 def run(rounds=4, clients=4, **kw):
     cfg = RunConfig(**kw).validate()

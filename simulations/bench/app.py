@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from simulations.bench import deployment, dp_overhead, framework, peer, quality, scale
+from fedpriv.simulations.bench import deployment, dp_overhead, framework, peer, quality, scale
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Benchmarks: how fast private training runs here.")

@@ -1,4 +1,4 @@
-"""What a measured child process runs (``python -m simulations.bench.runner KIND SPEC OUT``).
+"""What a measured child process runs (``python -m fedpriv.simulations.bench.runner KIND SPEC OUT``).
 
 - ``sim``: ``fedpriv simulate``'s code path, with :func:`trace_mod` outermost on the project's
   ClientApp so every training message's entry and exit is logged, and the rounds timestamped;
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.bench.peer_example import PeerTimeline, peer_client_app, peer_server_app
+from fedpriv.simulations.bench.peer_example import PeerTimeline, peer_client_app, peer_server_app
 
 TRACE_FILE = "bench-trace.jsonl"
 
@@ -61,14 +61,14 @@ class _Timeline:
 
 def _child_sim(spec: dict[str, Any]) -> dict[str, Any]:
     marks = {"main": time.time()}
-    import client.app
-    from common.config import RunConfig
-    from simulations.simulate import simulate
+    import fedpriv.client.app as client_app
+    from fedpriv.common.config import RunConfig
+    from fedpriv.simulations.simulate import simulate
 
     marks["imported"] = time.time()
     cfg = RunConfig.from_mapping(spec["config"])
-    project_app = client.app.simulation_client_app  # simulate() looks it up at call time: trace_mod outermost
-    client.app.simulation_client_app = lambda run_cfg: project_app(run_cfg, outer_mods=(trace_mod,))
+    project_app = client_app.simulation_client_app  # simulate() looks it up at call time: trace_mod outermost
+    client_app.simulation_client_app = lambda run_cfg: project_app(run_cfg, outer_mods=(trace_mod,))
     timeline = _Timeline()
     marks["simulate"] = time.time()
     report, run_dir = simulate(cfg, timeline)
@@ -85,10 +85,10 @@ def _child_loop(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from client.dp_training import train_round
-    from client.local_data import local_data
-    from common.config import RunConfig
-    from common.models import model_from_config
+    from fedpriv.client.dp_training import train_round
+    from fedpriv.client.local_data import local_data
+    from fedpriv.common.config import RunConfig
+    from fedpriv.common.models import model_from_config
 
     marks["imported"] = time.time()
     cfg = RunConfig.from_mapping(spec["config"])
@@ -124,7 +124,7 @@ def _child_peer(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from common.config import RunConfig
+    from fedpriv.common.config import RunConfig
 
     marks["imported"] = time.time()
     cfg = RunConfig.from_mapping(spec["config"])

@@ -14,16 +14,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from simulations.bench.runner import TreeMemory
-from simulations.bench.shared import check_positive, client_list, load_note, median, sim_config
-from simulations.command import guarded
+from fedpriv.simulations.bench.runner import TreeMemory
+from fedpriv.simulations.bench.shared import check_positive, client_list, load_note, median, sim_config
+from fedpriv.simulations.command import guarded
 
 
 def deployment_run(cfg_dict: dict[str, Any], run_dir: Path, timeout: float) -> dict[str, Any]:
     """One ``fedpriv federation`` (processes over TLS on 127.0.0.1); its report's per-round seconds."""
-    from common.config import RunConfig
-    from server.report import RunReport
-    from simulations.federation import LocalFederation
+    from fedpriv.common.config import RunConfig
+    from fedpriv.server.report import RunReport
+    from fedpriv.simulations.federation import LocalFederation
 
     cfg = RunConfig.from_mapping(cfg_dict)
     started = time.perf_counter()
@@ -66,8 +66,8 @@ def deployment_config(num_clients: int, num_rounds: int, local_epochs: int, secu
 
 
 def _deployment(clients, num_rounds, local_epochs, repeats, timeout):
-    from common.errors import UserInputError
-    from simulations.console import console
+    from fedpriv.common.errors import UserInputError
+    from fedpriv.simulations.console import console
 
     check_positive(num_rounds=num_rounds, local_epochs=local_epochs, repeats=repeats)
     clients = client_list(clients)

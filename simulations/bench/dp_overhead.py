@@ -23,7 +23,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from simulations.command import guarded
+from fedpriv.simulations.command import guarded
 
 NO_DP = "no DP"
 
@@ -67,11 +67,11 @@ def _stepper(case: BenchCase, mode: str, batch: int) -> Callable[[], None]:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from client.dp_training import train_step
-    from client.grad_sample_modes import make_private
-    from common.config import RunConfig
-    from common.evaluation import task_loss
-    from common.models import model_from_config
+    from fedpriv.client.dp_training import train_step
+    from fedpriv.client.grad_sample_modes import make_private
+    from fedpriv.common.config import RunConfig
+    from fedpriv.common.evaluation import task_loss
+    from fedpriv.common.models import model_from_config
 
     cfg = RunConfig(model=case.model)  # default model sizes
     model = model_from_config(cfg, case.input_shape, case.num_classes, seed=0)
@@ -97,9 +97,9 @@ def measure_case(case: BenchCase, modes: list[str], *, batch: int, steps: int, w
 
     At least ``steps`` rounds, and more until ``min_seconds`` have passed.
     """
-    from client.grad_sample_modes import resolve
-    from common.config import RunConfig
-    from common.models import model_from_config
+    from fedpriv.client.grad_sample_modes import resolve
+    from fedpriv.common.config import RunConfig
+    from fedpriv.common.models import model_from_config
 
     auto = resolve("auto", case.model, model_from_config(RunConfig(model=case.model), case.input_shape,
                                                           case.num_classes))
@@ -181,10 +181,10 @@ def dp_overhead(
 
 def _dp_overhead(threads: int, batch_size: int, steps: int, seconds: float, warmup: int,
                  models: Optional[list[str]], modes: Optional[list[str]]) -> None:
-    from common.errors import UserInputError
+    from fedpriv.common.errors import UserInputError
 
-    from client.grad_sample_modes import MODES
-    from common.config import check_choice
+    from fedpriv.client.grad_sample_modes import MODES
+    from fedpriv.common.config import check_choice
 
     for key in models or []:
         check_choice("model", key, [c.key for c in CASES])
@@ -197,8 +197,8 @@ def _dp_overhead(threads: int, batch_size: int, steps: int, seconds: float, warm
 
     import torch
 
-    from client import dp_training  # noqa: F401 - quiets Opacus' warnings and loggers
-    from simulations.console import console
+    from fedpriv.client import dp_training  # noqa: F401 - quiets Opacus' warnings and loggers
+    from fedpriv.simulations.console import console
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -18,10 +18,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from simulations.bench.runner import ChildResult, run_child
-from simulations.bench.shared import (base_config, check_positive, client_list, fmt_bytes, load_note, median,
+from fedpriv.simulations.bench.runner import ChildResult, run_child
+from fedpriv.simulations.bench.shared import (base_config, check_positive, client_list, fmt_bytes, load_note, median,
                                       sim_config, strip_private)
-from simulations.command import guarded
+from fedpriv.simulations.command import guarded
 
 
 @dataclass
@@ -97,7 +97,7 @@ def framework(
 
 def _framework(clients, num_rounds, local_epochs, dataset, mnist1d_samples, model, repeats, loop_threads, nice,
                backend="in-process"):
-    from simulations.console import console
+    from fedpriv.simulations.console import console
 
     check_positive(num_rounds=num_rounds, local_epochs=local_epochs, repeats=repeats)
     clients = client_list(clients)
@@ -142,7 +142,7 @@ def _executor_note(base: dict[str, Any]) -> str:
     cpus = base["client_cpus"]
     if base["simulation_backend"] == "ray":
         return f"Ray actors of {cpus:g} CPU(s) each on {os.cpu_count()} CPUs, one torch thread per client CPU"
-    from simulations.inprocess_backend import worker_count
+    from fedpriv.simulations.inprocess_backend import worker_count
 
     workers = worker_count(cpus)
     where = "a thread of the driver" if workers == 1 else f"{workers} worker processes forked from the driver"

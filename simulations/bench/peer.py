@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 import typer
 
-from simulations.bench.runner import ChildResult, run_child
-from simulations.bench.shared import (base_config, check_positive, client_list, load_note, median, sim_config,
+from fedpriv.simulations.bench.runner import ChildResult, run_child
+from fedpriv.simulations.bench.shared import (base_config, check_positive, client_list, load_note, median, sim_config,
                                       strip_private)
-from simulations.command import guarded
+from fedpriv.simulations.command import guarded
 
 
 def peer(
@@ -45,8 +45,8 @@ def peer_config(num_clients: int, num_rounds: int, local_epochs: int, dataset: s
 
 
 def _peer(clients, num_rounds, local_epochs, dataset, repeats, nice):
-    from common.errors import UserInputError
-    from simulations.console import console
+    from fedpriv.common.errors import UserInputError
+    from fedpriv.simulations.console import console
 
     check_positive(local_epochs=local_epochs, repeats=repeats)
     if num_rounds < 2:

@@ -37,8 +37,8 @@ def _peer_load_data(partition_id: int, num_partitions: int):
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from client.local_data import local_data
-    from common.config import RunConfig
+    from fedpriv.client.local_data import local_data
+    from fedpriv.common.config import RunConfig
 
     cfg = RunConfig.from_mapping(json.loads(os.environ["FEDPRIV_PEER_CONFIG"]))
     data = local_data(cfg, {"partition-id": partition_id, "num-partitions": num_partitions})
@@ -55,7 +55,7 @@ def _peer_client_fn(context):
     from flwr.client import NumPyClient
     from opacus import PrivacyEngine
 
-    from common.models import model_from_config
+    from fedpriv.common.models import model_from_config
 
     cfg, data, train_loader, test_loader = _peer_load_data(int(context.node_config["partition-id"]),
                                                            int(context.node_config["num-partitions"]))
@@ -120,8 +120,8 @@ def peer_server_app(cfg, timeline: PeerTimeline):
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.server.strategy import FedAvg
 
-    from common.datasets import load_dataset
-    from common.models import model_from_config
+    from fedpriv.common.datasets import load_dataset
+    from fedpriv.common.models import model_from_config
 
     data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples)
     initial = [v.numpy() for v in model_from_config(cfg, data.input_shape, data.num_classes,

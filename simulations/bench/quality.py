@@ -3,7 +3,7 @@
 Each recipe is one ``fedpriv simulate`` command line (the README's quality table lists them):
 run with DP at its target epsilon (``--target-epsilon`` derives the noise so the worst-case
 client ends at most there), again at smaller epsilons for the accuracy-vs-epsilon plot, and once
-with ``--no-dp`` for the price of privacy. Every run is a fresh ``python -m simulations.cli``
+with ``--no-dp`` for the price of privacy. Every run is a fresh ``python -m fedpriv.simulations.cli``
 process (started by the shared runner, :func:`simulations.bench.runner.run_process`), so its wall
 time is what a user waits, start-up included. The numbers read back are the final round's
 server-side test metric and the run report's max per-client epsilon.
@@ -27,8 +27,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from simulations.bench.runner import ROOT, run_process
-from simulations.command import guarded
+from fedpriv.simulations.bench.runner import ROOT, run_process
+from fedpriv.simulations.command import guarded
 
 NON_PRIVATE = math.inf  # the epsilon of a --no-dp run
 
@@ -157,7 +157,7 @@ def command_line(options: dict[str, Any]) -> list[str]:
 
 def run_recipe(recipe: Recipe, epsilon: float, out: Path, *, quick: bool, timeout: float) -> Run:
     """Run one simulation in a fresh process and read its report back."""
-    from common.errors import UserInputError
+    from fedpriv.common.errors import UserInputError
 
     label = f"{recipe.key}-{'nodp' if math.isinf(epsilon) else f'eps{epsilon:g}'}"
     run_dir = out / "runs" / label
@@ -166,7 +166,7 @@ def run_recipe(recipe: Recipe, epsilon: float, out: Path, *, quick: bool, timeou
     log_path = out / "logs" / f"{label}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        done = run_process([sys.executable, "-m", "simulations.cli", *args], log_path, env=env, timeout=timeout,
+        done = run_process([sys.executable, "-m", "fedpriv.simulations.cli", *args], log_path, env=env, timeout=timeout,
                            memory=False)
     except subprocess.TimeoutExpired:
         raise UserInputError(f"bench quality: {label} did not finish within {timeout:.0f} s; see {log_path}") from None
@@ -179,7 +179,7 @@ def run_recipe(recipe: Recipe, epsilon: float, out: Path, *, quick: bool, timeou
 
 def read_run(recipe: Recipe, epsilon: float, run_dir: Path, command: str, wall_s: float) -> Run:
     """A finished run folder as a :class:`Run`: final metric, max epsilon, per-round curve."""
-    from server.report import RunReport
+    from fedpriv.server.report import RunReport
 
     report = RunReport.load(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -231,7 +231,7 @@ def plot(recipes: list[Recipe], runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
 
-    from server.report import _save_fig
+    from fedpriv.server.report import _save_fig
 
     panels = [m for m in ("accuracy", "mse") if any(r.metric == m for r in recipes)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6.0), squeeze=False)
@@ -301,9 +301,9 @@ def quality(
 
 def _quality(out: Optional[Path], keys: Optional[list[str]], sweep: bool, quick: bool, timeout: float,
              parts: Optional[list[str]] = None) -> None:
-    from common.config import check_choice
-    from common.errors import UserInputError
-    from simulations.console import console
+    from fedpriv.common.config import check_choice
+    from fedpriv.common.errors import UserInputError
+    from fedpriv.simulations.console import console
 
     known = {r.key: r for r in RECIPES}
     for key in keys or []:
@@ -338,7 +338,7 @@ def _quality(out: Optional[Path], keys: Optional[list[str]], sweep: bool, quick:
 def write_results(out: Path, recipes: list[Recipe], runs: list[Run], total_s: float, *, quick: bool,
                   pending: int = 0) -> str:
     """quality.md, quality.json and quality.png for the runs so far; returns the table's header line."""
-    from common.atomic_io import write_json, write_text
+    from fedpriv.common.atomic_io import write_json, write_text
 
     header = (f"Quality bench{' (--quick: tiny sizes, not a measurement)' if quick else ''}: "
               f"{len(runs)} runs{f' ({pending} still to run)' if pending else ''}, {total_s / 60:.1f} min in total, "

@@ -1,7 +1,7 @@
 """The shared child-process runner of the benchmarks.
 
-A measured run is a fresh interpreter (``python -m simulations.bench.runner KIND SPEC OUT``, see
-:func:`run_child`; ``fedpriv bench quality`` runs ``python -m simulations.cli`` the same way, see
+A measured run is a fresh interpreter (``python -m fedpriv.simulations.bench.runner KIND SPEC OUT``, see
+:func:`run_child`; ``fedpriv bench quality`` runs ``python -m fedpriv.simulations.cli`` the same way, see
 :func:`run_process`), so imports, Ray start-up and shutdown count. The child leads a session of its
 own: the parent samples the memory of its whole process tree (Ray's GCS, raylet and workers
 included) from /proc while it runs, and kills that tree, and only that tree, when it is done, runs
@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from simulations.bench.children import CHILDREN
+from fedpriv.simulations.bench.children import CHILDREN
 
 ROOT = Path(__file__).resolve().parents[2]  # the project: measured children run from here
 
 
 # ----------------------------------------------------------------------------- process-tree memory
 def _tree_pids(pid: int) -> list[int]:
-    from common.processes import descendants
+    from fedpriv.common.processes import descendants
 
     return [pid, *descendants(pid)]
 
@@ -132,15 +132,15 @@ def run_process(argv: Sequence[str], log_path: Path, *, env: dict[str, str], tim
 def run_child(kind: str, spec: dict[str, Any], label: str, *, nice: int = 0, timeout: float = 3600) -> ChildResult:
     """Run ``KIND`` (a key of :data:`~simulations.bench.children.CHILDREN`) in a fresh interpreter; its
     wall time counts from launch to exit."""
-    from common.errors import UserInputError
-    from common.processes import venv_env
+    from fedpriv.common.errors import UserInputError
+    from fedpriv.common.processes import venv_env
 
     if kind not in CHILDREN:
         raise ValueError(f"unknown child kind {kind!r}; known: {', '.join(CHILDREN)}")
     with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        argv = [sys.executable, "-m", "simulations.bench.runner", kind, str(spec_path), str(out_path)]
+        argv = [sys.executable, "-m", "fedpriv.simulations.bench.runner", kind, str(spec_path), str(out_path)]
         env = venv_env({"FEDPRIV_BENCH_LAUNCH": repr(time.time()), "RAY_DEDUP_LOGS": "0"})
         log_path = Path(tmp) / "child.log"
         try:
@@ -177,7 +177,7 @@ def child_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from simulations.command import fast_exit
+    from fedpriv.simulations.command import fast_exit
 
     try:
         child_main(sys.argv[1:])

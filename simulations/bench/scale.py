@@ -14,10 +14,10 @@ from typing import Annotated, Any
 
 import typer
 
-from simulations.bench.runner import ChildResult, run_child
-from simulations.bench.shared import (base_config, check_positive, fmt_bytes, load_note, median, sim_config,
+from fedpriv.simulations.bench.runner import ChildResult, run_child
+from fedpriv.simulations.bench.shared import (base_config, check_positive, fmt_bytes, load_note, median, sim_config,
                                       strip_private)
-from simulations.command import guarded
+from fedpriv.simulations.command import guarded
 
 
 def _per_round(res: ChildResult) -> list[float]:
@@ -48,8 +48,8 @@ def scale_config(num_clients: int, per_round: int, num_rounds: int, mnist1d_samp
 
 
 def _scale(clients, small, per_round, num_rounds, mnist1d_samples, repeats, nice):
-    from common.errors import UserInputError
-    from simulations.console import console
+    from fedpriv.common.errors import UserInputError
+    from fedpriv.simulations.console import console
 
     check_positive(num_rounds=num_rounds, repeats=repeats, per_round=per_round)
     if num_rounds < 2:

@@ -19,7 +19,7 @@ def fmt_bytes(n: float) -> str:
 
 
 def sim_config(base: dict[str, Any], run_dir: Path, **overrides: Any) -> dict[str, Any]:
-    from common.config import RunConfig
+    from fedpriv.common.config import RunConfig
 
     cfg = RunConfig.from_mapping({**base, **overrides, "run_dir": str(run_dir)})
     cfg.validate()
@@ -32,7 +32,7 @@ def load_note() -> str:
 
 
 def check_positive(**values: float) -> None:
-    from common.errors import UserInputError
+    from fedpriv.common.errors import UserInputError
 
     for name, value in values.items():
         if value < 1:
@@ -40,7 +40,7 @@ def check_positive(**values: float) -> None:
 
 
 def client_list(clients: list[int]) -> list[int]:
-    from common.errors import UserInputError
+    from fedpriv.common.errors import UserInputError
 
     if not clients or any(c < 2 for c in clients):
         raise UserInputError(f"--clients needs values >= 2 (got {clients})")
@@ -49,8 +49,8 @@ def client_list(clients: list[int]) -> list[int]:
 
 def base_config(**values: Any) -> dict[str, Any]:
     """A validated run config as a dict, with ``_train_size``: the records of its training set."""
-    from common.config import RunConfig
-    from common.datasets import load_dataset
+    from fedpriv.common.config import RunConfig
+    from fedpriv.common.datasets import load_dataset
 
     cfg = RunConfig.from_mapping(values)
     cfg.validate()

@@ -13,11 +13,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import simulation_client_app
-from common import records
-from common.config import RunConfig
-from server.app import build_server_app
-from simulations.inprocess_backend import run_inprocess
+from fedpriv.client.app import simulation_client_app
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.server.app import build_server_app
+from fedpriv.simulations.inprocess_backend import run_inprocess
 
 app = ClientApp()
 CFG = RunConfig(num_clients=5, num_rounds=2)

@@ -20,10 +20,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client.privacy_mods import privacy_mods
-from common import records
-from common.config import RunConfig
-from server.secure_aggregation import run_secure_round
+from fedpriv.client.privacy_mods import privacy_mods
+from fedpriv.common import records
+from fedpriv.common.config import RunConfig
+from fedpriv.server.secure_aggregation import run_secure_round
 
 NUM_CLIENTS = 5
 SHAPES = {"w": (4, 3), "b": (3,)}

@@ -1,0 +1,1 @@
+"""fedpriv: federated learning with local differential privacy (placeholder, filled by the API step)."""
