@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from fedpriv.common.errors import UserInputError
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import ConfigError, UserInputError
 from fedpriv.common.privacy import Mechanism, check_accountant, epsilon_for
 from fedpriv.common.privacy import round_mechanism as privacy_round_mechanism
 
@@ -80,6 +81,32 @@ def describe_plan(noise: float, delta: float, rounds: int, local_epochs: int, ba
     _, rate, steps = round_mechanism(noise, local_epochs, batch_size, dataset_size, poisson_sampling)
     return BudgetPlan(noise_multiplier=noise, sample_rate=rate, steps_per_round=steps, rounds=rounds,
                       epsilon=epsilon, delta=delta, accountant=accountant)
+
+
+_MAIN_JOB = RunConfig()  # the defaults of a plan are the main job's, from the one definition
+
+
+def plan_budget(dataset_size: int, *, target_epsilon: float | None = None, noise_multiplier: float | None = None,
+                rounds: int = _MAIN_JOB.num_rounds, local_epochs: int = _MAIN_JOB.local_epochs,
+                batch_size: int = _MAIN_JOB.batch_size, delta: float = _MAIN_JOB.delta,
+                accountant: str = _MAIN_JOB.accountant, poisson_sampling: bool = _MAIN_JOB.poisson_sampling
+                ) -> BudgetPlan:
+    """Plan one client's budget: the noise a target epsilon needs, or the epsilon a noise gives.
+
+    Args: ``dataset_size`` records of the client to plan for (the smallest one spends the most);
+    exactly one of ``target_epsilon`` (derive the smallest noise multiplier that keeps epsilon <= it)
+    and ``noise_multiplier`` (compute its epsilon); the run's ``rounds``, ``local_epochs``,
+    ``batch_size``, ``delta``, ``accountant`` and sampling (defaults: the main job's). The client is
+    assumed to train in every round, the worst case, with the accounting code training runs.
+    Returns: a :class:`BudgetPlan`. Raises: :class:`~fedpriv.common.errors.ConfigError` for a bad
+    or missing argument, or a target no noise up to ``MAX_NOISE`` reaches.
+    """
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ConfigError("plan_budget: give exactly one of target_epsilon (to derive the noise) or "
+                             "noise_multiplier (to compute epsilon)")
+    plan_args = (delta, rounds, local_epochs, batch_size, dataset_size, accountant, poisson_sampling)
+    noise = noise_multiplier if target_epsilon is None else noise_for_target(target_epsilon, *plan_args)
+    return describe_plan(noise, *plan_args)
 
 
 def check_delta(delta: float, smallest_dataset: int) -> None:

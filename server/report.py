@@ -93,6 +93,7 @@ class RunReport:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     central: dict[str, Any] = field(default_factory=dict)  # user-level DP: releases and epsilon
+    run_dir: Path | None = field(default=None, compare=False)  # the folder it was loaded from (not persisted)
 
     # ------------------------------------------------------------- building
     def record_training(self, client_id: str, server_round: int, noise: float, rate: float, steps: int,
@@ -171,9 +172,11 @@ class RunReport:
         if not path.is_file():
             raise UserInputError(f"{run_dir} holds no report.json; pass the folder of a finished or running run")
         try:
-            return cls.from_dict(read_json(path))
+            report = cls.from_dict(read_json(path))
         except (ValueError, KeyError, TypeError) as exc:
             raise UserInputError(f"{path} is not a valid fedpriv report ({exc.__class__.__name__}: {exc})") from None
+        report.run_dir = Path(run_dir)
+        return report
 
     def write(self, run_dir: Path, plots: bool = True) -> None:
         """Write report.json, report.md and (optionally) the plots, each atomically."""
