@@ -18,9 +18,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpriv.client.secagg_guard import guarded_secaggplus_mod
-from fedpriv.common import records
+from fedpriv.common import wire
 
-ARRAY_NAMES = "array-names"  # set by server/secure_aggregation.py: legacy Parameters carry no names
+ARRAY_NAMES = wire.ARRAY_NAMES  # set by server/secure_aggregation.py: legacy Parameters carry no names
 FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
 
 
@@ -30,9 +30,9 @@ def privacy_mods(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return guarded_secaggplus_mod(msg, ctxt, _named_records(call_next))
-    config = msg.content.config_records.get(records.CONFIG)
+    config = msg.content.config_records.get(wire.CONFIG)
     if config is not None and KEY_CLIPPING_NORM in config:
-        clipping = adaptiveclipping_mod if str(config.get("central-dp", "")).endswith("adaptive") else fixedclipping_mod
+        clipping = adaptiveclipping_mod if str(config.get(wire.CENTRAL_DP, "")).endswith("adaptive") else fixedclipping_mod
         return clipping(msg, ctxt, call_next)
     return call_next(msg, ctxt)
 
@@ -49,19 +49,19 @@ def _named_records(call_next: ClientAppCallable) -> ClientAppCallable:
         names = [str(n) for n in fit_config.pop(ARRAY_NAMES)]
         legacy = msg.content.array_records[FITINS_ARRAYS]
         arrays = ArrayRecord({name: Array(legacy[key].numpy()) for name, key in zip(names, legacy.keys(), strict=True)})
-        inner = Message(content=RecordDict({records.ARRAYS: arrays, records.CONFIG: ConfigRecord(fit_config)}),
+        inner = Message(content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord(fit_config)}),
                         metadata=msg.metadata)
         reply = call_next(inner, ctxt)
         if reply.has_error():
             return reply
         content = reply.content
-        metrics = content.metric_records[records.METRICS]
+        metrics = content.metric_records[wire.METRICS]
         # A client that declined (privacy budget) contributes weight 0 and the unchanged global model.
-        trained = content.array_records.get(records.ARRAYS, arrays)
-        weight = int(metrics.get(records.NUM_EXAMPLES, 0)) if records.ARRAYS in content.array_records else 0
+        trained = content.array_records.get(wire.ARRAYS, arrays)
+        weight = int(metrics.get(wire.NUM_EXAMPLES, 0)) if wire.ARRAYS in content.array_records else 0
         out = RecordDict({
-            records.METRICS: metrics,
-            records.PRIVACY: content.config_records[records.PRIVACY],
+            wire.METRICS: metrics,
+            wire.PRIVACY: content.config_records[wire.PRIVACY],
             "fitres.parameters": ArrayRecord({str(i): trained[name] for i, name in enumerate(names)}),
             "fitres.num_examples": MetricRecord({"num_examples": weight}),
             "fitres.metrics": ConfigRecord({}),

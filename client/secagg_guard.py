@@ -55,12 +55,12 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from fedpriv.common import records
+from fedpriv.common import wire
 
 log = logging.getLogger("fedpriv.client")
 
 GUARD_STATE = "fedpriv.secaggplus-guard"  # ConfigRecord in the Context's state, beside Flower's own
-CLIPPED_VALUES = records.SECAGG_CLIPPED  # reply metric: values SecAgg+'s quantiser clipped this round
+CLIPPED_VALUES = wire.SECAGG_CLIPPED  # reply metric: values SecAgg+'s quantiser clipped this round
 REFUSED = "refused"  # guard stage after a refusal: nothing more this round
 
 
@@ -185,9 +185,9 @@ def _counting_clipped(call_next: ClientAppCallable, guard: ConfigRecord) -> Call
         if clipped:
             log.warning("SecAgg+ clips %d values of this update to +-%g (after scaling by weight / max weight)",
                         clipped, float(guard[Key.CLIPPING_RANGE]))
-        metrics = reply.content.metric_records.get(records.METRICS)
+        metrics = reply.content.metric_records.get(wire.METRICS)
         if metrics is None:
-            reply.content.metric_records[records.METRICS] = metrics = MetricRecord({})
+            reply.content.metric_records[wire.METRICS] = metrics = MetricRecord({})
         metrics[CLIPPED_VALUES] = clipped
         return reply
 

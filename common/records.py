@@ -1,13 +1,8 @@
-"""Names of the record keys both sides of a Flower message agree on."""
+"""Deprecated alias of :mod:`fedpriv.common.wire`, where every record name and key now lives.
 
-ARRAYS = "arrays"          # ArrayRecord: model weights (global in, local out)
-CONFIG = "config"          # ConfigRecord: the run's training config, kebab-case keys
-METRICS = "metrics"        # MetricRecord: num-examples, train-loss, privacy numbers
-PRIVACY = "privacy"        # ConfigRecord: client id, accountant, decline reason
+Kept only so older scripts and tests that ``from fedpriv.common import records`` keep working.
+"""
 
-NUM_EXAMPLES = "num-examples"  # the client's own count; the server weighs by it only within its own range
-DECLINED = "declined"
-UNIT_WEIGHT = "unit-weight"  # central DP's equal weights (sensitivity C/m); the server sets 1 itself, whatever a reply says
-SECAGG_CLIPPED = "secagg-clipped"  # values SecAgg+'s quantiser clipped in this reply (client/secagg_guard.py)
-RUN_CLASSES = "run-num-classes"          # in CONFIG: the global model's classes (0 for the autoencoder)
-RUN_INPUT_SHAPE = "run-input-shape"      # in CONFIG: the global model's input shape, channels first
+from fedpriv.common.wire import *  # noqa: F401,F403
+from fedpriv.common.wire import (ARRAYS, CONFIG, DECLINED, METRICS, NUM_EXAMPLES, PRIVACY, RUN_CLASSES,  # noqa: F401
+                                 RUN_INPUT_SHAPE, SECAGG_CLIPPED, UNIT_WEIGHT)

@@ -29,12 +29,12 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 
 log = logging.getLogger("fedpriv.server")
 
-ARRAY_NAMES = "array-names"  # fit-config key: the model's array names, since legacy Parameters are unnamed
+ARRAY_NAMES = wire.ARRAY_NAMES  # fit-config key: the model's array names, since legacy Parameters are unnamed
 
 
 @dataclass
@@ -50,9 +50,9 @@ class SecureRound:
 
         Only clients that clipped any; their part of the aggregate is wrong at those values.
         """
-        counts = {str(m.content[records.PRIVACY].get("client-id", f"node-{m.metadata.src_node_id}")):
-                  int(m.content[records.METRICS].get(records.SECAGG_CLIPPED, 0))
-                  for m in self.replies if records.METRICS in m.content.metric_records}
+        counts = {str(m.content[wire.PRIVACY].get(wire.CLIENT_ID, f"node-{m.metadata.src_node_id}")):
+                  int(m.content[wire.METRICS].get(wire.SECAGG_CLIPPED, 0))
+                  for m in self.replies if wire.METRICS in m.content.metric_records}
         return {client: n for client, n in sorted(counts.items()) if n}
 
 
@@ -62,7 +62,7 @@ def run_secure_round(grid: Grid, messages: list[Message], arrays: ArrayRecord, c
     shares, threshold = cfg.secagg_parameters(len(messages))
     workflow = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
                                   max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout)
-    fit_config = dict(messages[0].content[records.CONFIG]) if messages else {}
+    fit_config = dict(messages[0].content[wire.CONFIG]) if messages else {}
     fit_config[ARRAY_NAMES] = list(arrays.keys())
     sample = _GivenSample([m.metadata.dst_node_id for m in messages], fit_config)
     state = RecordDict({
@@ -79,7 +79,7 @@ def run_secure_round(grid: Grid, messages: list[Message], arrays: ArrayRecord, c
         # Dequantisation yields float64; the model keeps its own dtypes.
         aggregate = ArrayRecord({name: Array(legacy[key].numpy().astype(arrays[name].numpy().dtype))
                                  for name, key in zip(arrays.keys(), legacy.keys(), strict=True)})
-    replies = [m for m in recorder.replies if not m.has_error() and records.PRIVACY in m.content.config_records]
+    replies = [m for m in recorder.replies if not m.has_error() and wire.PRIVACY in m.content.config_records]
     outcome = SecureRound(aggregate, replies)
     if outcome.clipped:
         log.warning("round %d: SecAgg+ quantisation clipped values beyond +-%g after scaling by weight / "

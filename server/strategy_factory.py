@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
                                      Strategy)
 
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.server.central_dp import wrap_central_dp
 from fedpriv.server.cohort import secret_cohort
@@ -30,8 +30,8 @@ def _base_strategy(cfg: RunConfig) -> FedAvg:
         min_train_nodes=cfg.min_clients,
         min_available_nodes=cfg.min_clients,
         weighted_by_key=weight_key(cfg),
-        arrayrecord_key=records.ARRAYS,
-        configrecord_key=records.CONFIG,
+        arrayrecord_key=wire.ARRAYS,
+        configrecord_key=wire.CONFIG,
         train_metrics_aggr_fn=_no_metric_aggregation,
     )
     # Cohorts from the OS CSPRNG, not Flower's Python `random` (server/cohort.py): amplification needs them secret.
@@ -79,4 +79,4 @@ def _no_metric_aggregation(contents, weighted_by_key):  # noqa: ANN001 - Flower'
 def weight_key(cfg: RunConfig) -> str:
     """The metric FedAvg weighs updates by: examples, or 1 each under central DP. The round loop writes
     the server's own value there (server/update_validation.server_weight), never the client's."""
-    return records.UNIT_WEIGHT if cfg.central_dp != "off" else records.NUM_EXAMPLES
+    return wire.UNIT_WEIGHT if cfg.central_dp != "off" else wire.NUM_EXAMPLES

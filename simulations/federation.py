@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 from fedpriv.common.certificates import make_certificates
-from fedpriv.common.config import RunConfig
+from fedpriv.common.config import RunConfig, to_flags
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.processes import Child, free_port, venv_env, wait_for_port
 
 CLI = [sys.executable, "-m", "fedpriv.simulations.cli"]
 SERVER_READY = "server listening on"  # `fedpriv server` prints it once every client key is registered
-
-
-def config_flags(cfg: RunConfig) -> list[str]:
-    """The command-line flags that reproduce ``cfg`` (inverse of the CLI's option parsing)."""
-    flags: list[str] = []
-    for f in fields(RunConfig):
-        value = getattr(cfg, f.name)
-        flag = f.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            flags += [f"--{flag}", str(value)]
-    return flags
 
 
 def owner_policy_flags(cfg: RunConfig) -> list[str]:
@@ -40,12 +26,10 @@ def owner_policy_flags(cfg: RunConfig) -> list[str]:
     from fedpriv.client.owner_policy import OwnerPolicy
 
     policy = OwnerPolicy.of_simulation(cfg)
-    flags = ["--budget-epsilon", str(policy.budget_epsilon), "--min-noise-multiplier", repr(policy.min_noise_multiplier),
-             "--delta", repr(policy.delta), "--accountant", policy.accountant,
-             "--poisson-sampling" if policy.poisson_sampling else "--no-poisson-sampling"]
-    flags += ["--allow-no-dp"] if not policy.require_dp else []
-    flags += ["--secure-mode"] if policy.secure_mode else []
-    return flags
+    return to_flags({"budget_epsilon": policy.budget_epsilon, "min_noise_multiplier": policy.min_noise_multiplier,
+                     "delta": policy.delta, "accountant": policy.accountant, "poisson_sampling": policy.poisson_sampling,
+                     "allow_no_dp": not policy.require_dp, "secure_mode": policy.secure_mode},
+                    switches=("allow_no_dp", "secure_mode"))
 
 
 class LocalFederation:
@@ -70,7 +54,7 @@ class LocalFederation:
 
     def start_server(self) -> Child:
         argv = [*CLI, "server", "--certs", str(self.certs), "--host", "127.0.0.1", "--port", str(self.port),
-                "--control-port", str(self.control_port), *config_flags(self.cfg)]
+                "--control-port", str(self.control_port), *self.cfg.to_flags()]
         self.server = Child("server", argv, self.run_dir / "logs" / "server.log", env=venv_env(),
                             cwd=Path(__file__).resolve().parents[1])
         return self.server

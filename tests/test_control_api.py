@@ -23,7 +23,7 @@ import pytest
 
 from fedpriv.common.certificates import make_certificates
 from fedpriv.common.config import RunConfig
-from fedpriv.simulations.federation import CLI, SERVER_READY, config_flags
+from fedpriv.simulations.federation import CLI, SERVER_READY
 from fedpriv.common.processes import Child, free_port, venv_env
 
 pytestmark = pytest.mark.e2e
@@ -76,7 +76,7 @@ def test_stranger_with_ca_and_own_key_can_neither_register_connect_list_start_no
     cfg = RunConfig(num_clients=1, num_rounds=1, min_clients=1, local_epochs=1, round_timeout=120,
                     run_dir=str(run_dir)).validate()
     argv = [*CLI, "server", "--certs", str(certs.ca_cert.parent), "--host", FLEET_HOST, "--port", str(port),
-            "--control-port", str(control_port), *config_flags(cfg)]
+            "--control-port", str(control_port), *cfg.to_flags()]
     server = Child("server", argv, run_dir / "logs" / "server.log", env=venv_env(), cwd=ROOT)
     owner: Child | None = None
     try:

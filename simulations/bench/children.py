@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedpriv.common import wire
 from fedpriv.simulations.bench.peer_example import PeerTimeline, peer_client_app, peer_server_app
 
 TRACE_FILE = "bench-trace.jsonl"
@@ -34,7 +35,7 @@ def trace_mod(msg, ctxt, call_next):
     entered = time.time()
     reply = call_next(msg, ctxt)
     try:
-        run_dir = Path(str(msg.content.config_records["config"]["run-dir"]))
+        run_dir = Path(str(msg.content.config_records[wire.CONFIG][wire.RUN_DIR]))
         with open(run_dir / TRACE_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps({"pid": os.getpid(), "in": entered, "out": time.time(),
                                 "proc_start": _proc_start_time()}) + "\n")
@@ -94,7 +95,7 @@ def _child_loop(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = RunConfig.from_mapping(spec["config"])
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    clients = [local_data(cfg, {"partition-id": i, "num-partitions": cfg.num_clients}) for i in range(cfg.num_clients)]
+    clients = [local_data(cfg, {wire.NODE_PARTITION_ID: i, wire.NODE_NUM_PARTITIONS: cfg.num_clients}) for i in range(cfg.num_clients)]
     ref = clients[0]
     global_model = model_from_config(cfg, ref.input_shape, ref.num_classes, seed=cfg.seed)
     histories: dict[int, list] = {i: [] for i in range(cfg.num_clients)}

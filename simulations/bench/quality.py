@@ -146,13 +146,9 @@ def run_options(recipe: Recipe, epsilon: float, *, quick: bool) -> dict[str, Any
 
 def command_line(options: dict[str, Any]) -> list[str]:
     """``fedpriv simulate`` arguments for ``options`` (``dp: False`` becomes ``--no-dp``)."""
-    args = ["simulate"]
-    for key, value in options.items():
-        if isinstance(value, bool):
-            args.append(f"--{key}" if value else f"--no-{key}")
-        else:
-            args += [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
-    return args
+    from fedpriv.common.config import RunConfig
+
+    return ["simulate", *RunConfig.from_mapping(options).to_flags(only=options)]
 
 
 def run_recipe(recipe: Recipe, epsilon: float, out: Path, *, quick: bool, timeout: float) -> Run:
