@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fedpriv.client.owner_policy import OwnerPolicy
 from fedpriv.client.privacy_mods import privacy_mods
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import ConfigError, UserInputError
 
@@ -68,8 +68,8 @@ def _state_dir(context: Context, state_root: Path | None, client_id: str) -> Pat
     empty ledger. ``FEDPRIV_STATE_HOME`` (default ``~/.local/state/fedpriv``) holds the ledgers of
     SuperNodes started without ``fedpriv client`` (e.g. under ``flwr run``).
     """
-    if "state-dir" in context.node_config:
-        return Path(str(context.node_config["state-dir"])).expanduser()
+    if wire.NODE_STATE_DIR in context.node_config:
+        return Path(str(context.node_config[wire.NODE_STATE_DIR])).expanduser()
     if state_root is not None:
         return state_root / client_id
     return Path(os.environ.get("FEDPRIV_STATE_HOME", "~/.local/state/fedpriv")).expanduser() / "owners" / client_id
@@ -77,21 +77,21 @@ def _state_dir(context: Context, state_root: Path | None, client_id: str) -> Pat
 
 def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy, state_root: Path | None = None) -> Message:
     """One round under ``policy``: decline, or train with DP-SGD and charge the ledger before replying."""
-    raw = dict(msg.content[records.CONFIG])
-    server_round = int(raw.get("server-round", 0))
-    run_id = str(raw.get("run-uid", msg.metadata.run_id))
-    privacy = ConfigRecord({"accountant": policy.accountant, "delta": policy.delta})
+    raw = dict(msg.content[wire.CONFIG])
+    server_round = int(raw.get(wire.SERVER_ROUND, 0))
+    run_id = str(raw.get(wire.RUN_UID, msg.metadata.run_id))
+    privacy = {"accountant": policy.accountant, "delta": policy.delta}  # wire.encode_privacy's arguments
     try:
         asked = RunConfig.from_mapping(raw, ignore_unknown=True).validate()
     except UserInputError as exc:
-        privacy["client-id"] = str(context.node_config.get("client-name", f"node-{context.node_id}"))
+        privacy["client_id"] = str(context.node_config.get(wire.NODE_CLIENT_NAME, f"node-{context.node_id}"))
         return _declined(msg, privacy, f"server sent an invalid training config: {exc}", math.nan)
 
     from fedpriv.client.ledger import LedgerError, StateDirBusy, locked_ledger
     from fedpriv.client.local_data import local_data
 
     data = local_data(asked, dict(context.node_config))
-    privacy.update({"client-id": data.client_id, "fingerprint": data.fingerprint})
+    privacy.update({"client_id": data.client_id, "fingerprint": data.fingerprint})
     state_dir = _state_dir(context, state_root, data.client_id)
     try:
         with locked_ledger(state_dir, data.client_id) as ledger:
@@ -102,7 +102,7 @@ def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy, state_r
 
 
 def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: RunConfig, data, ledger: OwnerLedger,
-                  state_dir: Path, privacy: ConfigRecord, run_id: str, server_round: int) -> Message:
+                  state_dir: Path, privacy: dict, run_id: str, server_round: int) -> Message:
     import torch
 
     from fedpriv.client.dp_training import train_round
@@ -125,10 +125,10 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
         ledger.save(state_dir)
         return _declined(msg, privacy, reason, spent, ledger)
 
-    if "partition-id" in context.node_config:  # simulated clients share the machine's cores
+    if wire.NODE_PARTITION_ID in context.node_config:  # simulated clients share the machine's cores
         torch.set_num_threads(max(1, int(run.client_cpus)))
     model = model_from_config(run, data.input_shape, num_classes)
-    model.load_state_dict(msg.content[records.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(msg.content[wire.ARRAYS].to_torch_state_dict())
     result = train_round(model, data.x, data.y, run, ledger.history())
     # train_round composed the ledger's history with this round under the policy's delta and accountant
     # (``run`` carries them); a release without DP anywhere in the ledger leaves no finite epsilon.
@@ -145,21 +145,20 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
         return _declined(msg, privacy, reason, epsilon, ledger)
 
     noise, rate, steps = result.mechanism or (0.0, result.sample_rate, result.steps)
-    privacy.update(_ledger_columns(ledger))
-    privacy["sampling"] = result.sampling
+    record = ConfigRecord(wire.encode_privacy(**privacy, sampling=result.sampling, ledger=_ledger_entries(ledger)))
     metrics = MetricRecord({
-        records.NUM_EXAMPLES: result.num_examples,
-        records.UNIT_WEIGHT: 1,
-        records.DECLINED: 0,
-        "train-loss": result.train_loss,
-        "epsilon": epsilon,
-        "steps": steps,              # the accountant's entry (for fixed-partition sampling: one per epoch)
-        "sample-rate": rate,
-        "noise-multiplier": noise,
-        "optimizer-steps": result.steps,
+        wire.NUM_EXAMPLES: result.num_examples,
+        wire.UNIT_WEIGHT: 1,
+        wire.DECLINED: 0,
+        wire.TRAIN_LOSS: result.train_loss,
+        wire.EPSILON: epsilon,
+        wire.STEPS: steps,              # the accountant's entry (for fixed-partition sampling: one per epoch)
+        wire.SAMPLE_RATE: rate,
+        wire.NOISE_MULTIPLIER: noise,
+        wire.OPTIMIZER_STEPS: result.steps,
     })
-    content = RecordDict({records.ARRAYS: ArrayRecord(result.state_dict), records.METRICS: metrics,
-                          records.PRIVACY: privacy})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(result.state_dict), wire.METRICS: metrics,
+                          wire.PRIVACY: record})
     return Message(content, reply_to=msg)
 
 
@@ -170,9 +169,9 @@ def _fit_to_run(msg: Message, data) -> tuple[int, str | None]:  # noqa: ANN001 -
     An owner whose data lacks some classes trains the run's full model; labels beyond the run's
     classes, or records of another shape, are declined with the reason before any training.
     """
-    config = msg.content[records.CONFIG]
-    classes = int(config[records.RUN_CLASSES]) if records.RUN_CLASSES in config else data.num_classes
-    shape = tuple(int(d) for d in config[records.RUN_INPUT_SHAPE]) if records.RUN_INPUT_SHAPE in config else None
+    config = msg.content[wire.CONFIG]
+    classes = int(config[wire.RUN_CLASSES]) if wire.RUN_CLASSES in config else data.num_classes
+    shape = tuple(int(d) for d in config[wire.RUN_INPUT_SHAPE]) if wire.RUN_INPUT_SHAPE in config else None
     from fedpriv.common.datasets import MAX_CLASSES
 
     if not 0 <= classes <= MAX_CLASSES:  # the owner's machine builds this model: never a server-sized allocation
@@ -186,25 +185,19 @@ def _fit_to_run(msg: Message, data) -> tuple[int, str | None]:  # noqa: ANN001 -
     return classes, None
 
 
-def _ledger_columns(ledger: OwnerLedger) -> dict:
+def _ledger_entries(ledger: OwnerLedger | None) -> list[tuple[str, int, float, float, int]]:
     """The owner's whole DP history (all runs, interrupted rounds too), so the server's report accounts for it."""
-    releases = [(r, m) for r in ledger.releases if (m := r.mechanism()) is not None]
-    if not releases:
-        return {}
-    return {"ledger-run": [r.run_id for r, _ in releases], "ledger-round": [r.round for r, _ in releases],
-            "ledger-noise": [m[0] for _, m in releases], "ledger-rate": [m[1] for _, m in releases],
-            "ledger-steps": [m[2] for _, m in releases]}
+    releases = [(r, m) for r in ledger.releases if (m := r.mechanism()) is not None] if ledger is not None else []
+    return [(r.run_id, r.round, m[0], m[1], m[2]) for r, m in releases]
 
 
-def _declined(msg: Message, privacy: ConfigRecord, reason: str, epsilon: float,
+def _declined(msg: Message, privacy: dict, reason: str, epsilon: float,
               ledger: OwnerLedger | None = None) -> Message:
     """A reply that carries no update: the reason, and the owner's spend so far (unchanged by this round)."""
-    privacy["decline-reason"] = reason
-    if ledger is not None:
-        privacy.update(_ledger_columns(ledger))
-    metrics = MetricRecord({records.NUM_EXAMPLES: 0, records.DECLINED: 1,
-                            "epsilon": epsilon if not math.isnan(epsilon) else 0.0})
-    return Message(RecordDict({records.METRICS: metrics, records.PRIVACY: privacy}), reply_to=msg)
+    record = ConfigRecord(wire.encode_privacy(**privacy, decline_reason=reason, ledger=_ledger_entries(ledger)))
+    metrics = MetricRecord({wire.NUM_EXAMPLES: 0, wire.DECLINED: 1,
+                            wire.EPSILON: epsilon if not math.isnan(epsilon) else 0.0})
+    return Message(RecordDict({wire.METRICS: metrics, wire.PRIVACY: record}), reply_to=msg)
 
 
 app = build_client_app()

@@ -9,7 +9,7 @@ one record shifts every later record into another batch, so many steps change at
 batch drawn uniformly and independently of the others ("balls into bins"). Adding or removing a
 record then changes one step of the epoch and leaves every other batch as it was, so one epoch is
 at most one Gaussian mechanism with noise ``sigma`` on that record, whichever batch it fell in:
-``common.privacy.round_mechanism`` books ``(sigma, 1.0, epochs)`` per round, no amplification.
+``common.accounting.round_mechanism`` books ``(sigma, 1.0, epochs)`` per round, no amplification.
 An empty batch is still a step (noise only): skipping it would reveal that a record was absent.
 """
 

@@ -2,7 +2,7 @@
 
 A fresh ``PrivacyEngine`` wraps a fresh model every round (wrapping twice adds hooks twice). The
 round's accounting does not come from Opacus' accountant (which books fixed batches as if they were
-Poisson-sampled) but from ``common.privacy.round_mechanism``, checked against the steps that ran,
+Poisson-sampled) but from ``common.accounting.round_mechanism``, checked against the steps that ran,
 and composed with the owner's whole ledger.
 """
 
@@ -25,7 +25,7 @@ from fedpriv.client.batch_sampling import fixed_partition_loader
 from fedpriv.client.grad_sample_modes import make_private, resolve
 from fedpriv.common.config import RunConfig
 from fedpriv.common.evaluation import task_loss
-from fedpriv.common.privacy import Mechanism, epsilon_for, round_mechanism
+from fedpriv.common.accounting import Mechanism, epsilon_for, planned_mechanism
 
 # Opacus (re)configures loggers on import in some setups; keep Flower's at its own level.
 logging.getLogger("flwr").setLevel(logging.INFO)
@@ -51,13 +51,6 @@ class RoundResult:
     sampling: str  # "poisson", "fixed" or "none" (no DP)
 
 
-def planned_mechanism(num_examples: int, cfg: RunConfig) -> Mechanism:
-    """The history entry a round of ``cfg`` adds for a client of ``num_examples`` records.
-
-    Computed before any data is touched, so the budget is checked before training; it is the
-    entry :func:`train_round` then reports for what it ran (``common.privacy.round_mechanism``).
-    """
-    return round_mechanism(cfg.noise_multiplier, num_examples, cfg.batch_size, cfg.local_epochs, cfg.poisson_sampling)
 
 
 @dataclass(frozen=True)

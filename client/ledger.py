@@ -32,7 +32,7 @@ from typing import Iterator
 
 from fedpriv.common.atomic_io import read_json, write_json
 from fedpriv.common.errors import PrivacyPolicyError
-from fedpriv.common.privacy import Mechanism, epsilon_for
+from fedpriv.common.accounting import Mechanism, epsilon_for
 
 LEDGER_FILE = "ledger.json"
 LOCK_FILE = ".ledger.lock"
@@ -56,7 +56,7 @@ class Release:
 
     ``noise_multiplier``, ``sample_rate`` and ``steps`` are what the optimizer really ran (rate and
     steps per round); :meth:`mechanism` turns them into the accountant's history entry for the
-    batch sampling used (see ``common.privacy.round_mechanism``).
+    batch sampling used (see ``common.accounting.round_mechanism``).
     """
 
     run_id: str

@@ -21,7 +21,7 @@ enough trials the lower bound approaches the tight epsilon of one step. The thre
 random half of the trials (:func:`select_threshold`) and measured on the other half, with one-sided
 Clopper-Pearson bounds on TPR and FPR (``common/audit.py``, shared with the run audit). The bound is set beside the tight
 per-step epsilon from ``dp_accounting``'s PLD accountant (independent of Opacus and of
-``common/privacy.py``), and beside what the project's accountant claims for one step.
+``common/accounting.py``), and beside what the project's accountant claims for one step.
 
 With ``sample_rate`` q < 1 the step runs Opacus' Poisson loader over 16/q records (expected batch
 16); the "without" world drops the canary from each drawn batch, which is Poisson sampling of the
@@ -174,7 +174,7 @@ def theoretical_epsilon(noise_multiplier: float, sample_rate: float, delta: floa
 
     A Gaussian mechanism of sensitivity 1 and noise ``sigma`` (Poisson-subsampled at rate q < 1).
     PLD with its default discretization is a pessimistic estimate, tight to about 1e-4, and shares
-    no code with Opacus' accountants or ``common/privacy.py``, so it checks those too.
+    no code with Opacus' accountants or ``common/accounting.py``, so it checks those too.
     """
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
@@ -306,7 +306,7 @@ def audit_mechanism(mode: str, noise_multiplier: float, trials: int, *, max_grad
 
     Raises ``UserInputError`` for options outside what the audit supports (see :func:`check_options`).
     """
-    from fedpriv.common.privacy import epsilon_for
+    from fedpriv.common.accounting import epsilon_for
 
     (mode,) = check_options([mode], noise_multiplier, trials, noise_scale, sample_rate, delta, accountant,
                             max_grad_norm)

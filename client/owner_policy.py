@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from fedpriv.common.config import DECISION_ACCOUNTANTS, RunConfig
 from fedpriv.common.errors import PrivacyPolicyError
 
-Mechanism = tuple[float, float, int]  # common.privacy's (noise, rate, steps); imported lazily: it loads Opacus
+Mechanism = tuple[float, float, int]  # common.accounting's (noise, rate, steps); imported lazily: it loads Opacus
 
 # Defaults of `fedpriv client`. Budget 10: the upper end of what "How to DP-fy ML" (Ponomareva et al.,
 # JAIR 2023) calls a reasonable guarantee for ML models (epsilon <= 10; <= 1 strong). Minimum noise
@@ -132,7 +132,7 @@ class OwnerPolicy:
 
     def planned(self, run: RunConfig, num_records: int) -> Mechanism:
         """The history entry the round would add, from the config this owner actually runs."""
-        from fedpriv.common.privacy import round_mechanism
+        from fedpriv.common.accounting import round_mechanism
 
         return round_mechanism(run.noise_multiplier, num_records, run.batch_size, run.local_epochs,
                                self.poisson_sampling)

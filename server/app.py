@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -30,6 +32,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: same kebab-case keys as ``fedpriv simulate``."""
     cfg = RunConfig.from_mapping(dict(context.run_config), ignore_unknown=True)
-    preflight(cfg)  # validates, and derives the noise for target-epsilon like `fedpriv simulate` does
-    cfg.run_dir = str(resolve_run_dir(cfg))
+    cfg = preflight(cfg)  # validates, and derives the noise for target-epsilon like `fedpriv simulate` does
+    cfg = dataclasses.replace(cfg, run_dir=str(resolve_run_dir(cfg)))
     run_federation(grid, cfg)

@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from typing import Any, Iterable
 
-import dp_accounting
-from dp_accounting import rdp as dp_rdp
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -54,6 +51,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import compute_stdv
 
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.csprng import csprng_gaussian
 from fedpriv.common.errors import UserInputError
@@ -165,7 +163,7 @@ class NoiseBeforeServerOptimiser(Strategy):
         if noisy_mean is None:
             return None, metrics
         content = RecordDict({self.optimiser.arrayrecord_key: noisy_mean,
-                              "metrics": MetricRecord({self.optimiser.weighted_by_key: 1})})
+                              wire.METRICS: MetricRecord({self.optimiser.weighted_by_key: 1})})
         stepped, _ = self.optimiser.aggregate_train(
             server_round, [Message(content, dst_node_id=0, message_type=MessageType.TRAIN)])
         # FedAdam computes in float64; the round loop casts the global model back to its dtypes
@@ -279,25 +277,3 @@ def release_noise_multiplier(wrapper: Strategy, aggregated: int) -> float:
     return 1 / math.sqrt(inverse_square)
 
 
-def user_level_epsilon(releases: list[dict], delta: float, *, amplification: bool) -> float:
-    """Epsilon of every round's release so far, each a dict with noise_multiplier, sampled, population
-    and secret_cohort (absent: False).
-
-    ``amplification=False`` charges every release as a Gaussian mechanism the client took part in: the
-    epsilon against anyone who knows the cohorts. ``amplification=True`` charges releases whose cohort
-    was secret (and smaller than the population) as sampled without replacement, the others in full.
-    Identical releases are composed as one event with a count: dp-accounting's sampled-without-
-    replacement RDP costs ~0.5 s per distinct event, and composition is additive either way.
-    """
-    if not releases:
-        return 0.0
-    counts = Counter((float(r["noise_multiplier"]), int(r["sampled"]), int(r["population"]),
-                      amplification and bool(r.get("secret_cohort", False))) for r in releases)
-    accountant = dp_rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    for (noise, sampled, population, amplified), count in counts.items():
-        gaussian = dp_accounting.GaussianDpEvent(noise)
-        if amplified and sampled < population:
-            accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(population, sampled, gaussian), count)
-        else:
-            accountant.compose(gaussian, count)
-    return float(accountant.get_epsilon(delta))

@@ -23,10 +23,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.atomic_io import write_json
 from fedpriv.common.config import RunConfig
-from fedpriv.common.datasets import load_dataset
+from fedpriv.common.datasets import dataset_options, load_dataset
 from fedpriv.common.evaluation import evaluate
 from fedpriv.common.models import check_fit, model_from_config
 from fedpriv.server.central_dp import amplification_holds, release_noise_multiplier
@@ -82,7 +82,8 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     """Run ``cfg.num_rounds`` rounds on ``grid`` (resuming from a checkpoint) and return the report."""
     observer = observer or _Silent()
     run_dir = prepare_run_dir(cfg)
-    data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples,
+                        **dataset_options(cfg))
     check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset)
     model = model_from_config(cfg, data.input_shape, data.num_classes, seed=cfg.seed)
     strategy = build_strategy(cfg)
@@ -106,9 +107,9 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     # The run uid (kept across server restarts) labels the clients' ledger entries of this run.
     # The run declares its model's classes and input shape, so an owner whose data lacks a class still
     # builds the global model's shape, and one whose records do not fit declines with the reason.
-    train_config = ConfigRecord({**cfg.to_dict(kebab=True), "run-dir": str(run_dir.resolve()),
-                                 "run-uid": str(report.run["uid"]), records.RUN_CLASSES: int(data.num_classes),
-                                 records.RUN_INPUT_SHAPE: [int(d) for d in data.input_shape]})
+    train_config = ConfigRecord({**cfg.to_dict(kebab=True), wire.RUN_DIR: str(run_dir.resolve()),
+                                 wire.RUN_UID: str(report.run["uid"]), wire.RUN_CLASSES: int(data.num_classes),
+                                 wire.RUN_INPUT_SHAPE: [int(d) for d in data.input_shape]})
 
     for server_round in range(first_round, cfg.num_rounds + 1):
         started = time.monotonic()
@@ -203,29 +204,24 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float,
 
 def _ledger_of(msg: Message) -> list[dict] | None:
     """The client's whole ledger as sent in its reply (all runs, interrupted rounds too), if any."""
-    privacy = msg.content[records.PRIVACY]
-    if "ledger-steps" not in privacy:
-        return None
-    columns = [privacy[k] for k in ("ledger-run", "ledger-round", "ledger-noise", "ledger-rate", "ledger-steps")]
-    return [{"run": r, "round": int(n), "noise_multiplier": float(z), "sample_rate": float(q), "steps": int(t)}
-            for r, n, z, q, t in zip(*columns)]
+    return wire.decode_ledger(msg.content[wire.PRIVACY])
 
 
 def _client_id(msg: Message) -> str:
-    return str(msg.content[records.PRIVACY]["client-id"])
+    return wire.decode_client_id(msg.content[wire.PRIVACY])
 
 
 def _claimed_id(msg: Message) -> str | None:
     """The client id a reply claims, to name it in logs, or None if it has none."""
-    privacy = msg.content.config_records.get(records.PRIVACY)
-    return None if privacy is None or "client-id" not in privacy else str(privacy["client-id"])[:100]
+    privacy = msg.content.config_records.get(wire.PRIVACY)
+    return None if privacy is None or wire.CLIENT_ID not in privacy else wire.decode_client_id(privacy)[:100]
 
 
 def _training_numbers(metrics: MetricRecord) -> tuple[float, float, int, float]:
     """(noise multiplier, sample rate, steps, epsilon) a client reports of its round: its privacy record.
     They go into the report as the client's own account; nothing the server aggregates depends on them."""
-    return (_number(metrics, "noise-multiplier"), _number(metrics, "sample-rate"),
-            int(_number(metrics, "steps", count=True)), _number(metrics, "epsilon"))
+    return (_number(metrics, wire.NOISE_MULTIPLIER), _number(metrics, wire.SAMPLE_RATE),
+            int(_number(metrics, wire.STEPS, count=True)), _number(metrics, wire.EPSILON))
 
 
 def _number(values: MetricRecord, key: str, count: bool = False) -> float:
@@ -263,12 +259,12 @@ def _unreadable(msg: Message) -> str | None:
     A client writes every value in its reply; none may raise in the round loop (a list where a
     number belongs, a NaN step count, a ledger column that is not a list of numbers)."""
     content = msg.content
-    if records.PRIVACY not in content.config_records or records.METRICS not in content.metric_records:
+    if wire.PRIVACY not in content.config_records or wire.METRICS not in content.metric_records:
         return "reply lacks privacy or metric records"
     try:
         _client_id(msg)
-        metrics = content.metric_records[records.METRICS]
-        if not int(_number(metrics, records.DECLINED, count=True) if records.DECLINED in metrics else 0):
+        metrics = content.metric_records[wire.METRICS]
+        if not int(_number(metrics, wire.DECLINED, count=True) if wire.DECLINED in metrics else 0):
             _training_numbers(metrics)
             _ledger_of(msg)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -281,12 +277,12 @@ def _aggregation_reply(msg: Message, weight: float, limits: UpdateLimits, refere
     client wrote. Flower's strategies raise on replies whose metric keys differ, weigh by the reply's
     own metric, and (adaptive client-side clipping) count the reply's own norm bit; here the bit is
     read off the update."""
-    update = msg.content[records.ARRAYS]
+    update = msg.content[wire.ARRAYS]
     metrics = {limits.weight_key: weight}
     if limits.clipped_to is not None:
         metrics[KEY_NORM_BIT] = norm_bit(update, reference, limits)
-    msg.content = RecordDict({records.ARRAYS: update, records.METRICS: MetricRecord(metrics),
-                              records.PRIVACY: ConfigRecord({"client-id": _client_id(msg)})})
+    msg.content = RecordDict({wire.ARRAYS: update, wire.METRICS: MetricRecord(metrics),
+                              wire.PRIVACY: ConfigRecord({wire.CLIENT_ID: _client_id(msg)})})
     return msg
 
 
@@ -322,21 +318,21 @@ def _sort_replies(replies: Iterable[Message], reference: ArrayRecord, sampled: l
         seen[node] = _claimed_id(msg)
         try:
             client = _client_id(msg)
-            metrics = msg.content[records.METRICS]
-        except KeyError:
+            metrics = msg.content[wire.METRICS]
+        except (KeyError, wire.WireError):
             rejected[f"node-{msg.metadata.src_node_id}"] = "reply lacks privacy or metric records"
             continue
         node_names[msg.metadata.src_node_id] = client
-        if int(metrics.get(records.DECLINED, 0)):
+        if int(metrics.get(wire.DECLINED, 0)):
             declined.append(client)
-            reasons[client] = str(msg.content[records.PRIVACY].get("decline-reason", "privacy budget"))[:500]
+            reasons[client] = str(msg.content[wire.PRIVACY].get(wire.DECLINE_REASON, "privacy budget"))[:500]
             log.warning("round %d: %s declined: %s", server_round, client, reasons[client])
             continue
         # The client trained: its privacy is spent whether or not its update is usable.
         report.record_training(client, server_round, *_training_numbers(metrics), ledger=_ledger_of(msg))
         problem, weight, correction = None, 1.0, None
         if validate_each:
-            update = msg.content.array_records.get(records.ARRAYS)
+            update = msg.content.array_records.get(wire.ARRAYS)
             problem = (update_problem(update, reference, limits.max_norm) if update is not None
                        else "reply carries no model update")
             if problem is None:
@@ -367,8 +363,8 @@ def _aggregate_secure(strategy: Strategy, server_round: int, aggregate: ArrayRec
     if problem:
         log.warning("round %d: dropped the securely aggregated update: %s", server_round, problem)
         return None
-    metrics = MetricRecord({records.NUM_EXAMPLES: 1, records.UNIT_WEIGHT: 1})
-    reply = Message(RecordDict({records.ARRAYS: aggregate, records.METRICS: metrics}), dst_node_id=0,
+    metrics = MetricRecord({wire.NUM_EXAMPLES: 1, wire.UNIT_WEIGHT: 1})
+    reply = Message(RecordDict({wire.ARRAYS: aggregate, wire.METRICS: metrics}), dst_node_id=0,
                     message_type=MessageType.TRAIN)
     return strategy.aggregate_train(server_round, [reply])[0]
 

@@ -119,7 +119,7 @@ class RunReport:
         was ``secret_cohort`` (CSPRNG-sampled, picked by a trusted server: ``amplification_holds``) and
         smaller than the population; it holds only against those who see the global models alone.
         """
-        from fedpriv.server.central_dp import user_level_epsilon  # dp-accounting is imported only by central-DP runs
+        from fedpriv.common.accounting import user_level_epsilon  # dp-accounting is imported only by central-DP runs
 
         releases = self.central.setdefault("releases", [])
         releases.append({"round": server_round, "noise_multiplier": noise_multiplier, "sampled": sampled,

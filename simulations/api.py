@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedpriv.common.budget_planning import BudgetPlan, plan_budget
+from fedpriv.common.accounting import BudgetPlan, plan_budget
 from fedpriv.common.config import RunConfig
 from fedpriv.server.report import RunReport
 

@@ -16,7 +16,7 @@ from fedpriv.client.ledger import LEDGER_FILE, LEGACY_DIR, OwnerLedger, load_led
 from fedpriv.client.owner_policy import OwnerPolicy
 from fedpriv.common.config import DECISION_ACCOUNTANTS
 from fedpriv.common.errors import UserInputError
-from fedpriv.common.privacy import Mechanism, epsilon_for, round_mechanism
+from fedpriv.common.accounting import Mechanism, epsilon_for, round_mechanism
 
 MAX_ROUNDS_SHOWN = 100_000  # "how many more rounds fit" stops counting here
 

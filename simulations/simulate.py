@@ -5,6 +5,8 @@ with Ray actors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 from pathlib import Path
@@ -18,7 +20,7 @@ from fedpriv.server.preflight import preflight
 
 # What the ClientApp imports on its first training message; loaded before forking simulation workers.
 CLIENT_MODULES = ("fedpriv.client.dp_training", "fedpriv.client.local_data", "fedpriv.client.ledger", "fedpriv.common.models",
-                  "fedpriv.common.privacy")
+                  "fedpriv.common.accounting")
 
 
 class FederationFailed(RuntimeError):
@@ -27,9 +29,9 @@ class FederationFailed(RuntimeError):
 
 def simulate(cfg: RunConfig, observer: RoundObserver | None = None) -> tuple[RunReport, Path]:
     """Validate, then run ``cfg`` and return its report and run folder. Flower's logs go to the folder."""
-    preflight(cfg)
+    cfg = preflight(cfg)
     run_dir = resolve_run_dir(cfg)
-    cfg.run_dir = str(run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     from fedpriv.client.app import simulation_client_app
     from fedpriv.server.app import build_server_app
 

@@ -23,12 +23,13 @@ from opacus.accountants import PRVAccountant as OpacusPRV
 from opacus.accountants import RDPAccountant as OpacusRDP
 from opacus.accountants.analysis import gdp as opacus_gdp
 
-from fedpriv.client.dp_training import RoundRandomness, planned_mechanism, train_round
+from fedpriv.client.dp_training import RoundRandomness, train_round
+from fedpriv.common.accounting import planned_mechanism
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import load_dataset
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.models import model_from_config
-from fedpriv.common.privacy import RDP_ORDERS, ComposedGdpAccountant, data_fingerprint, epsilon_for, make_accountant
+from fedpriv.common.accounting import RDP_ORDERS, ComposedGdpAccountant, data_fingerprint, epsilon_for, make_accountant
 
 DELTA = 1e-5
 

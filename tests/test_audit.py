@@ -22,7 +22,7 @@ from fedpriv.common.evaluation import evaluate
 from fedpriv.common.models import model_from_config
 from fedpriv.common.partitioning import partition
 from fedpriv.client.ledger import OwnerLedger, Release
-from fedpriv.common.privacy import data_fingerprint
+from fedpriv.common.accounting import data_fingerprint
 from fedpriv.server.checkpoint import FINAL_MODEL
 from fedpriv.server.report import RunReport
 from fedpriv.simulations.audit import audit_run, load_run, per_record_loss, theoretical_epsilon

@@ -14,14 +14,14 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from typer.testing import CliRunner
 
-from fedpriv.client.dp_training import planned_mechanism
-from fedpriv.common.budget_planning import (MAX_NOISE, MIN_NOISE, check_delta, describe_plan, epsilon_for_plan,
+from fedpriv.common.accounting import planned_mechanism
+from fedpriv.common.accounting import (MAX_NOISE, MIN_NOISE, check_delta, describe_plan, epsilon_for_plan,
                                     noise_for_target)
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import load_dataset
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.partitioning import partition
-from fedpriv.common.privacy import RDP_ORDERS
+from fedpriv.common.accounting import RDP_ORDERS
 from fedpriv.simulations.cli import app
 from fedpriv.server.preflight import preflight
 
@@ -169,7 +169,9 @@ def client_sizes(cfg: RunConfig) -> list[int]:
 def test_preflight_derives_the_noise_for_the_smallest_client(accountant):
     cfg = RunConfig(dataset="digits", num_clients=6, partitioning="dirichlet", dirichlet_alpha=0.3, num_rounds=4,
                     local_epochs=1, batch_size=16, target_epsilon=3.0, accountant=accountant)
-    preflight(cfg)
+    given = cfg
+    cfg = preflight(cfg)
+    assert given.noise_multiplier == RunConfig().noise_multiplier  # the caller's value is never rewritten
     sizes = client_sizes(cfg)
     assert len(set(sizes)) > 1, "unequal clients, so the smallest one matters"
     plan = dict(delta=cfg.delta, rounds=4, local_epochs=1, batch_size=16, accountant=accountant)
@@ -181,7 +183,7 @@ def test_preflight_derives_the_noise_for_the_smallest_client(accountant):
 
 def test_preflight_keeps_the_noise_without_a_target_and_checks_delta():
     cfg = RunConfig(dataset="digits", num_clients=10, noise_multiplier=1.3)
-    preflight(cfg)
+    cfg = preflight(cfg)
     assert cfg.noise_multiplier == 1.3
     smallest = min(client_sizes(cfg))
     with pytest.raises(UserInputError, match="--delta"):

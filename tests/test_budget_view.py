@@ -45,7 +45,7 @@ def test_summary_recomputes_every_release(state):
     assert plan["records"] == 520 and plan["sampling"] == "poisson"
     k = plan["rounds_that_fit"]
     per_round = tuple(plan["per_round_mechanism"])
-    from fedpriv.common.privacy import epsilon_for
+    from fedpriv.common.accounting import epsilon_for
 
     def eps(n: int) -> float:  # the stored ledger (fixed sampling: one Gaussian per epoch) plus n rounds
         return epsilon_for([(1.5, 0.125, 32), (1.5, 1.0, 2), (per_round[0], per_round[1], per_round[2] * n)],

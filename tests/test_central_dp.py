@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from collections import Counter
@@ -17,12 +19,11 @@ from fedpriv.client.privacy_mods import privacy_mods
 from fedpriv.common import records
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import UserInputError
-from fedpriv.common.privacy import epsilon_for
+from fedpriv.common.accounting import epsilon_for, user_level_epsilon
 from fedpriv.server.central_dp import (
     ServerSideAdaptiveClipping,
     release_noise_multiplier,
     amplification_holds,
-    user_level_epsilon,
     wrap_central_dp,
 )
 from fedpriv.server.report import RunReport
@@ -60,7 +61,7 @@ def test_release_noise_is_relative_to_the_replace_one_sensitivity():
     fixed = wrap_central_dp(build_strategy(cfg).strategy, cfg)
     assert release_noise_multiplier(fixed, 10) == pytest.approx(0.6)
     assert release_noise_multiplier(fixed, 5) == pytest.approx(0.3)  # dropouts: fewer updates, same noise
-    cfg.central_dp = "client-adaptive"
+    cfg = dataclasses.replace(cfg, central_dp="client-adaptive")
     adaptive = wrap_central_dp(build_strategy(cfg).strategy, cfg)
     # Flower splits z between the update and the clipped-count releases; together they give z/2 back.
     assert adaptive.noise_multiplier > 1.2
@@ -331,7 +332,7 @@ def test_secure_mode_draws_central_noise_from_the_os_csprng(mode, monkeypatch):
                     secure_mode=False).validate()
     plain = [_seeded_round(cfg) for _ in range(2)]
     assert np.array_equal(plain[0][0], plain[1][0])  # NumPy's generator: reproducible, hence predictable
-    cfg.secure_mode = True
+    cfg = dataclasses.replace(cfg, secure_mode=True)
     secure = [_seeded_round(cfg) for _ in range(2)]
     assert not np.array_equal(secure[0][0], secure[1][0]), "seeding NumPy/random/torch fixed the central noise"
     if mode.endswith("adaptive"):
@@ -383,12 +384,12 @@ def test_amplification_is_claimed_only_where_the_cohort_is_secret():
 
     cfg = RunConfig(num_clients=50, fraction_train=0.4, central_dp="server-fixed").validate()
     assert amplification_holds(build_strategy(cfg), cfg)
-    cfg.strategy = "fedadam"
+    cfg = dataclasses.replace(cfg, strategy="fedadam")
     assert amplification_holds(build_strategy(cfg), cfg)
     # Flower's own sampling (Python's `random`) is predictable: no amplification.
     assert not amplification_holds(DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 1.0, 20), cfg)
     # Under secure aggregation the server, the party the guarantee is against, picks the cohort itself.
-    cfg.secure_aggregation = True
+    cfg = dataclasses.replace(cfg, secure_aggregation=True)
     assert not amplification_holds(build_strategy(cfg), cfg)
 
 

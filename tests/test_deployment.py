@@ -13,7 +13,7 @@ import pytest
 from fedpriv.common.certificates import make_certificates
 from fedpriv.common.config import RunConfig
 from fedpriv.client.ledger import load_ledger
-from fedpriv.common.privacy import epsilon_for
+from fedpriv.common.accounting import epsilon_for
 from fedpriv.simulations.federation import LocalFederation
 from tests.test_cli_errors import assert_clean_error
 

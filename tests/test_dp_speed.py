@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fedpriv.client.bookkeeping as bookkeeping
 from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, supports
-from fedpriv.client.dp_training import RoundRandomness, planned_mechanism, train_round
+from fedpriv.client.dp_training import RoundRandomness, train_round
+from fedpriv.common.accounting import planned_mechanism
 from fedpriv.client.grad_sample_modes import AUTO_BY_MODEL, AUTO_FALLBACK, MODES, make_private, resolve
 from fedpriv.common.config import GRAD_SAMPLE_MODES, RunConfig
 from fedpriv.common.errors import UserInputError

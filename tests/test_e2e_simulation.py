@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fedpriv.common.privacy import epsilon_for
+from fedpriv.common.accounting import epsilon_for
 
 pytestmark = pytest.mark.e2e
 

@@ -195,7 +195,7 @@ def test_concurrent_rounds_in_threads_are_all_in_the_ledger(owner):
 
 
 def _old_layout(state: Path, fingerprint: str, entries: list[tuple[float, float, int]]) -> Path:
-    from fedpriv.common.privacy import epsilon_for
+    from fedpriv.common.accounting import epsilon_for
 
     folder = state / "ledgers"
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ __all__ = ["BudgetPlan", "ConfigError", "DataError", "FederationFailed", "Fedpri
 
 _WHERE = {
     "simulate": "fedpriv.simulations.api", "load_report": "fedpriv.simulations.api",
-    "plan_budget": "fedpriv.common.budget_planning", "BudgetPlan": "fedpriv.common.budget_planning",
+    "plan_budget": "fedpriv.common.accounting", "BudgetPlan": "fedpriv.common.accounting",
     "RunConfig": "fedpriv.common.config", "RunReport": "fedpriv.server.report",
     "FederationFailed": "fedpriv.simulations.simulate",
     "FedprivError": "fedpriv.common.errors", "ConfigError": "fedpriv.common.errors",
