@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from fedpriv.common import wire
 from fedpriv.common.config import check_port
 from fedpriv.common.errors import UserInputError
 from fedpriv.client.ledger import load_ledger
@@ -33,7 +34,7 @@ class ClientSpec:
     """What ``fedpriv client`` was asked to run."""
 
     server: str                 # HOST:PORT of the SuperLink
-    data: str                   # npz:PATH, or partition:I/N of the run's dataset
+    data: str                   # npz:PATH, csv:PATH, parquet:PATH, images:DIR, or partition:I/N of the run's dataset
     state_dir: Path
     policy: OwnerPolicy
     name: str
@@ -51,13 +52,16 @@ def parse_server(server: str) -> tuple[str, int]:
 
 def node_config(spec: ClientSpec) -> str:
     """Flower's ``--node-config`` string (TOML values)."""
-    items: dict[str, object] = {"state-dir": str(spec.state_dir.resolve()), "client-name": spec.name,
+    items: dict[str, object] = {wire.NODE_STATE_DIR: str(spec.state_dir.resolve()), wire.NODE_CLIENT_NAME: spec.name,
                                 **spec.policy.to_node_config()}
     if spec.data.startswith("partition:"):
         index, total = _partition(spec.data)
-        items.update({"partition-id": index, "num-partitions": total})
-    else:
-        items["data-path"] = str(Path(spec.data[4:]).expanduser().resolve())
+        items.update({wire.NODE_PARTITION_ID: index, wire.NODE_NUM_PARTITIONS: total})
+    elif spec.data.startswith("npz:"):
+        items[wire.NODE_DATA_PATH] = str(Path(spec.data[4:]).expanduser().resolve())
+    else:  # csv:, parquet:, images: travel with their format (a bare path is an .npz)
+        fmt, _, path = spec.data.partition(":")
+        items[wire.NODE_DATA_PATH] = f"{fmt}:{Path(path).expanduser().resolve()}"
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
@@ -84,15 +88,20 @@ def preflight(spec: ClientSpec, connect_timeout: float = 5.0) -> None:
     spec.policy.validate()
     if spec.data.startswith("npz:"):
         path = Path(spec.data[4:]).expanduser()
-        from fedpriv.common.budget_planning import check_delta
+        from fedpriv.common.accounting import check_delta
         from fedpriv.common.datasets import npz_records
 
         x, _, _ = npz_records(path)  # raises a clear error for a missing or malformed file
         check_delta(spec.policy.delta, len(x))
+    elif spec.data.startswith(("csv:", "parquet:", "images:")):
+        from fedpriv.common.accounting import check_delta
+        from fedpriv.common.tabular import check_owner_file
+
+        check_delta(spec.policy.delta, check_owner_file(spec.data))  # file-level mistakes, before connecting
     elif spec.data.startswith("partition:"):
         _partition(spec.data)
     else:
-        raise UserInputError(f"--data '{spec.data}' must be npz:PATH or partition:I/N")
+        raise UserInputError(f"--data '{spec.data}' must be npz:PATH, csv:PATH, parquet:PATH, images:DIR or partition:I/N")
     _check_state_dir(spec.state_dir)
     if spec.private_key is not None:
         load_openssh_private_key(spec.private_key)

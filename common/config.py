@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from fedpriv.common.errors import ConfigError
 
-MODELS = ("cnn", "rnn", "autoencoder")
+MODELS = ("cnn", "rnn", "autoencoder", "mlp")
+DATA_FORMATS = ("npz", "csv", "parquet", "images")  # --dataset FORMAT:PATH (common/tabular.py)
 BUILTIN_DATASETS = ("digits", "mnist1d")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 # Flower's Byzantine-robust rules: they need every client's own update and are not a mean (RunConfig.validate).
@@ -26,17 +27,24 @@ SIMULATION_BACKENDS = ("in-process", "ray")
 # "auto" = the fastest exact mode for the model family (client/grad_sample_modes.py);
 # "bookkeeping" = our single-backward-pass exact clipping (client/bookkeeping.py).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
+RNN_CELLS = ("gru", "lstm")  # Opacus' DPGRU / DPLSTM (common/models.py)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines one federated run. Defaults are the README's main job."""
+    """Everything that defines one federated run. Defaults are the README's main job.
 
-    model: str = field(default="cnn", metadata={"help": "Model family: cnn, rnn or autoencoder."})
+    Frozen: a resolved value is never rewritten in place (``dataclasses.replace`` makes the next one), so a
+    config handed to the server, a client or a caller stays what it was when it was checked."""
+
+    model: str = field(default="cnn", metadata={"help": "Model family: cnn, rnn, autoencoder or mlp (tables)."})
     dataset: str = field(
         default="digits",
-        metadata={"help": "digits, mnist1d, or npz:PATH (arrays x and y; y optional for the autoencoder)."},
+        metadata={"help": "digits, mnist1d, npz:PATH (arrays x and y; y optional for the autoencoder), csv:PATH, parquet:PATH or images:DIR (one sub-folder per class)."},
     )
+    label_column: str = field(default="", metadata={"help": "csv/parquet: the label column (none for the autoencoder)."})
+    categories: str = field(default="", metadata={"help": "csv/parquet/images: the shared category schema, a JSON object {column: [values]} inline or a file (simulation: sorted from the data when absent)."})
+    image_size: int = field(default=32, metadata={"help": "images: side every image is resized to (RGB, NxN)."})
     mnist1d_samples: int = field(default=10_000, metadata={"help": "Samples MNIST-1D generates locally."})
     num_clients: int = field(default=10, metadata={"help": "Number of data owners (virtual clients)."})
     num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
@@ -78,8 +86,10 @@ class RunConfig:
     budget_epsilon: float = field(default=0.0, metadata={"help": "Per-client epsilon budget; a client declines rounds that would exceed it (0 = no budget)."})
     target_epsilon: float = field(default=0.0, metadata={"help": "Derive --noise-multiplier (overriding it) so the smallest client, assumed to train in every round (worst case), ends at epsilon <= this (0 = off)."})
     rnn_hidden: int = field(default=64, metadata={"help": "RNN hidden size."})
-    rnn_layers: int = field(default=1, metadata={"help": "RNN GRU layers."})
+    rnn_layers: int = field(default=1, metadata={"help": "RNN recurrent layers."})
+    rnn_cell: str = field(default="gru", metadata={"help": "RNN cell: gru (Opacus DPGRU) or lstm (Opacus DPLSTM, the design card's)."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
+    ae_layers: int = field(default=1, metadata={"help": "Autoencoder hidden layers of 400 on each side of the bottleneck (1 = input-400-encoding-400-input)."})
     round_timeout: float = field(default=600.0, metadata={"help": "Seconds the server waits for replies in a round before going on without the missing clients."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})
     simulation_backend: str = field(default="in-process", metadata={"help": "fedpriv simulate's executor: in-process (ClientApps in threads, no start-up cost) or ray (process isolation, GPU scheduling)."})
@@ -105,14 +115,33 @@ class RunConfig:
         data = dataclasses.asdict(self)
         return {k.replace("_", "-"): v for k, v in data.items()} if kebab else data
 
+    def to_flags(self, only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> list[str]:
+        """The command-line flags that reproduce this config (the inverse of the CLI's option parsing).
+
+        ``--kebab-key value`` per field, booleans as ``--flag`` / ``--no-flag`` (the CLI's
+        ``--dp/--no-dp``). ``only``: just these fields, ``skip``: not these (snake- or kebab-case).
+        The one serializer every launcher and benchmark uses.
+        """
+        names = [f.name for f in fields(self)]
+        wanted = set(names) if only is None else {k.replace("-", "_") for k in only}
+        unknown = (wanted | {k.replace("-", "_") for k in skip}) - set(names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}")
+        wanted -= {k.replace("-", "_") for k in skip}
+        return to_flags({name: getattr(self, name) for name in names if name in wanted})
+
     # --------------------------------------------------------------- validation
     def validate(self) -> "RunConfig":
         """Check every option alone; data-dependent checks live with the data. Returns self."""
         check_choice("model", self.model, MODELS)
-        if not (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("npz:")):
+        fmt, sep, path = self.dataset.partition(":")
+        if not (self.dataset in BUILTIN_DATASETS or (sep and fmt in DATA_FORMATS and path)):
             raise ConfigError(
-                f"--dataset '{self.dataset}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz"
+                f"--dataset '{self.dataset}' is unknown; use digits, mnist1d, npz:FILE.npz, csv:FILE.csv, "
+                "parquet:FILE.parquet or images:DIR"
             )
+        if not 4 <= self.image_size <= 1024:
+            raise ConfigError(f"--image-size must be in 4..1024 pixels (got {self.image_size})")
         check_choice("partitioning", self.partitioning, PARTITIONINGS)
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("accountant", self.accountant, ACCOUNTANTS)
@@ -126,6 +155,8 @@ class RunConfig:
         _positive_int("rnn-hidden", self.rnn_hidden)
         _positive_int("rnn-layers", self.rnn_layers)
         _positive_int("encoding-dim", self.encoding_dim)
+        check_choice("rnn-cell", self.rnn_cell, RNN_CELLS)
+        _positive_int("ae-layers", self.ae_layers)
         if self.mnist1d_samples < 100:
             raise ConfigError(f"--mnist1d-samples must be >= 100 (got {self.mnist1d_samples})")
         if self.min_clients > self.num_clients:
@@ -297,6 +328,27 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         raise ConfigError(
             f"config key '{name.replace('_', '-')}' expects a {type_name}, got {value!r}"
         ) from None
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a snake_case option: ``noise_multiplier`` -> ``--noise-multiplier``."""
+    return "--" + name.replace("_", "-")
+
+
+def to_flags(values: Mapping[str, Any], switches: Iterable[str] = ()) -> list[str]:
+    """``--kebab-key value`` for each item; a boolean as ``--key`` / ``--no-key``, or, for the
+    ``switches`` (on-only flags such as ``--allow-no-dp``), ``--key`` when true and nothing when false.
+    Floats are written with ``repr`` (exact round trip, ``inf`` included)."""
+    switches = {k.replace("-", "_") for k in switches}
+    out: list[str] = []
+    for key, value in values.items():
+        flag = flag_name(key)
+        if isinstance(value, bool):
+            if value or key.replace("-", "_") not in switches:
+                out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return out
 
 
 def check_choice(option: str, value: str, allowed) -> None:  # noqa: ANN001 - any sequence of names

@@ -8,6 +8,7 @@ data comes from an ``.npz`` file on disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import zipfile
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from fedpriv.common.atomic_io import atomic_write
+from fedpriv.common import tabular
 from fedpriv.common.errors import DataError
 
-MAX_CLASSES = 1000  # labels are class indices 0..MAX_CLASSES-1: the model gets one output per class
+from fedpriv.common.tabular import MAX_CLASSES  # noqa: E402 - labels are class indices 0..MAX_CLASSES-1: the model gets one output per class
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray | None
     num_classes: int
+    # Feature columns (of a table's (n, d) x) each owner standardises with its own statistics
+    # (client.local_data); x_train and x_test come standardised with their own, for the server's use.
+    standardise_columns: tuple[int, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -52,20 +57,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDPRIV_CACHE", Path.home() / ".cache" / "fedpriv"))
 
 
-def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.2, mnist1d_samples: int = 10_000) -> Dataset:
-    """Load ``digits``, ``mnist1d`` or ``npz:PATH``; raises :class:`~common.errors.DataError` on bad input."""
-    return _load_cached(spec, seed, test_fraction, mnist1d_samples)
+def load_dataset(spec: str, *, seed: int = 0, test_fraction: float = 0.2, mnist1d_samples: int = 10_000,
+                 label_column: str = "", image_size: int = 32, categories: str = "") -> Dataset:
+    """Load ``digits``, ``mnist1d``, ``npz:PATH``, ``csv:PATH``, ``parquet:PATH`` or ``images:DIR``.
+
+    ``label_column`` and ``categories`` apply to tables, ``image_size`` to image folders (see
+    :mod:`common.tabular`). Raises :class:`~common.errors.DataError` on bad input.
+    """
+    return _load_cached(spec, seed, test_fraction, mnist1d_samples, label_column, image_size, categories)
+
+
+def dataset_options(cfg) -> dict:  # noqa: ANN001 - a common.config.RunConfig
+    """The keyword arguments of :func:`load_dataset` that a run config sets besides the split."""
+    return {"label_column": getattr(cfg, "label_column", ""), "image_size": getattr(cfg, "image_size", 32),
+            "categories": getattr(cfg, "categories", "")}
 
 
 @lru_cache(maxsize=4)
-def _load_cached(spec: str, seed: int, test_fraction: float, mnist1d_samples: int) -> Dataset:
+def _load_cached(spec: str, seed: int, test_fraction: float, mnist1d_samples: int, label_column: str = "",
+                 image_size: int = 32, categories: str = "") -> Dataset:
+    fmt = tabular.split_spec(spec)
+    if fmt is not None and fmt[0] in tabular.TABLE_FORMATS:
+        x, y, classes, numeric = tabular.table_records(fmt[1], fmt[0], label_column, tabular.load_schema(categories),
+                                                       derive_categories=True)
+        data = _split(x, y, seed, test_fraction, spec, classes)
+        return dataclasses.replace(data, x_train=tabular.standardise(data.x_train, numeric),
+                                   x_test=tabular.standardise(data.x_test, numeric), standardise_columns=numeric)
+    if fmt is not None and fmt[0] == "images":
+        x, y, classes = tabular.image_records(fmt[1], image_size, tabular.load_schema(categories))
+        return _split(x, y, seed, test_fraction, spec, classes)
     if spec == "digits":
         return _digits(seed, test_fraction)
     if spec == "mnist1d":
         return _mnist1d(mnist1d_samples, seed, test_fraction)
     if spec.startswith("npz:"):
         return _npz(Path(spec[4:]).expanduser(), seed, test_fraction)
-    raise DataError(f"--dataset '{spec}' is unknown; use digits, mnist1d or npz:PATH/TO/FILE.npz")
+    raise DataError(f"--dataset '{spec}' is unknown; use digits, mnist1d, npz:FILE.npz, csv:FILE.csv, "
+                    "parquet:FILE.parquet or images:DIR")
 
 
 def _split(x: np.ndarray, y: np.ndarray | None, seed: int, test_fraction: float, name: str, num_classes: int) -> Dataset:
@@ -219,3 +247,23 @@ def npz_records(path: Path) -> tuple[np.ndarray, np.ndarray | None, int]:
         if num_classes < 2:
             raise DataError(f"--dataset npz:{path}: 'y' has a single class; classification needs at least two")
     return x, y, num_classes
+
+
+def owner_records(spec: str, *, label_column: str = "", image_size: int = 32, categories: str = ""
+                  ) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Every record of a data owner's ``npz:``, ``csv:``, ``parquet:`` or ``images:`` data, in its own order.
+
+    A table's numeric columns are standardised with this owner's own mean and standard deviation
+    (never sent anywhere); its categories come from the shared ``categories`` schema only.
+    """
+    fmt = tabular.split_spec(spec)
+    if fmt is None:
+        raise DataError(f"--data '{spec}' must be npz:PATH, csv:PATH, parquet:PATH or images:DIR")
+    kind, path = fmt
+    if kind == "npz":
+        return npz_records(path)
+    schema = tabular.load_schema(categories, allow_file=False)  # it came in the server's run config
+    if kind == "images":
+        return tabular.image_records(path, image_size, schema)
+    x, y, classes, numeric = tabular.table_records(path, kind, label_column, schema, derive_categories=False)
+    return tabular.standardise(x, numeric), y, classes

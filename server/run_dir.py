@@ -15,7 +15,7 @@ def resolve_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:
     if cfg.run_dir:
         path = Path(cfg.run_dir).expanduser()
     else:
-        dataset = "npz" if cfg.dataset.startswith("npz:") else cfg.dataset
+        dataset = cfg.dataset.partition(":")[0]  # npz, csv, parquet, images: never the path (it has slashes)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = (base or Path("runs")) / f"{stamp}-{cfg.model}-{dataset}"
     path = path.resolve()

@@ -20,11 +20,11 @@ from torch import nn
 from fedpriv.common import audit as stats
 from fedpriv.common.atomic_io import read_json, write_json
 from fedpriv.common.config import RunConfig
-from fedpriv.common.datasets import Dataset, load_dataset
+from fedpriv.common.datasets import Dataset, dataset_options, load_dataset
 from fedpriv.common.errors import ConfigError, UserInputError
 from fedpriv.common.models import check_fit, model_from_config
 from fedpriv.common.partitioning import partition
-from fedpriv.common.privacy import data_fingerprint
+from fedpriv.common.accounting import data_fingerprint
 from fedpriv.server.checkpoint import FINAL_MODEL
 from fedpriv.server.report import RunReport
 
@@ -67,7 +67,8 @@ def load_run(run_dir: Path) -> AuditInputs:
     model_path = run_dir / FINAL_MODEL
     if not model_path.is_file():
         raise UserInputError(f"{run_dir} holds no {FINAL_MODEL}; the run has not finished, and the audit needs its final model")
-    data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples)
+    data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples,
+                        **dataset_options(cfg))
     check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset)
     model = model_from_config(cfg, data.input_shape, data.num_classes)
     try:

@@ -1,6 +1,7 @@
 """The ``fedpriv`` command line (typer + rich). Every user error is one line and a non-zero exit."""
 
 
+import dataclasses
 import inspect
 import sys
 from dataclasses import fields
@@ -9,7 +10,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from fedpriv.common.config import RunConfig, check_port
+from fedpriv.common.config import RunConfig, check_port, flag_name
 from fedpriv.common.errors import UserInputError
 from fedpriv.client.owner_policy import DEFAULT_BUDGET, DEFAULT_DELTA, DEFAULT_MIN_NOISE
 from fedpriv.simulations.bench.app import bench_app
@@ -28,8 +29,8 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     params = []
     for f in fields(RunConfig):
         py_type = {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        flag = "--" + f.name.replace("_", "-")
-        decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if py_type is bool else [flag]
+        flag = flag_name(f.name)  # the spelling RunConfig.to_flags writes
+        decls = [f"{flag}/--no-{flag[2:]}"] if py_type is bool else [flag]
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
             annotation=Annotated[py_type, typer.Option(*decls, help=f.metadata.get("help", ""), show_default=True)],
@@ -61,7 +62,7 @@ def simulate(cfg: RunConfig) -> None:
     if cfg.dp and cfg.target_epsilon > 0:  # derive the noise now, to show it; simulate's own preflight reuses it
         from fedpriv.server.preflight import preflight
 
-        preflight(cfg)
+        cfg = preflight(cfg)
         console.print(f"noise multiplier {cfg.noise_multiplier:.4g} derived for target epsilon {cfg.target_epsilon:g}")
     console.print(f"[bold]fedpriv[/] {cfg.model} on {cfg.dataset}: {cfg.num_clients} clients, {cfg.num_rounds} rounds, "
                   + privacy_setup(cfg))
@@ -83,6 +84,27 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Folder of a finished ru
     console.print(results_table(rep))
     console.print(rep.markdown().split("## Privacy guarantee", 1)[1].split("##", 1)[0].strip())
     console.print(f"written: {run_dir / 'report.md'}, {run_dir / 'metrics.png'}, {run_dir / 'epsilon.png'}")
+
+
+@app.command()
+@guarded
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="Folder of a finished autoencoder run.")],
+    data: Annotated[str, typer.Option("--data", help="Records to score: npz:PATH (every record, file order) or digits/mnist1d (train then test, as the run split it).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV of per-record scores (default RUN_DIR/scores.csv).")] = None,
+) -> None:
+    """Anomaly scores: each record's mean squared reconstruction error under the run's final autoencoder.
+
+    Local only: reads the run folder and the data, writes the CSV, sends nothing anywhere.
+    Example: fedpriv score runs/my-ae-run --data npz:my_records.npz --out scores.csv
+    """
+    from fedpriv.simulations.score import score_run
+
+    result = score_run(run_dir, data, out)
+    s = result.summary()
+    typer.echo(f"scored {s['count']} records: mean {s['mean']:.6g}, std {s['std']:.6g}, min {s['min']:.6g}, "
+               + ", ".join(f"{k} {v:.6g}" for k, v in s.items() if k.startswith("p")) + f", max {s['max']:.6g}")
+    typer.echo(f"written: {result.out}")
 
 
 @app.command()
@@ -180,12 +202,11 @@ def plan_budget(
                              "(to compute epsilon)")
     from rich.table import Table
 
-    from fedpriv.common.budget_planning import describe_plan, noise_for_target
+    from fedpriv.common.accounting import plan_budget as make_plan
     from fedpriv.simulations.console import console
 
-    plan_args = (delta, rounds, local_epochs, batch_size, dataset_size, accountant)
-    noise = noise_multiplier if target_epsilon is None else noise_for_target(target_epsilon, *plan_args)
-    plan = describe_plan(noise, *plan_args)
+    plan = make_plan(dataset_size, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, rounds=rounds,
+                     local_epochs=local_epochs, batch_size=batch_size, delta=delta, accountant=accountant)
     table = Table(title=f"{dataset_size} records, {rounds} rounds x {local_epochs} epochs, batch {batch_size}, "
                         f"delta={delta:g}, {accountant.upper()}")
     for column in ("noise multiplier", "sample rate", "steps/round", "total steps", "epsilon"):
@@ -250,14 +271,14 @@ def server(
         if not tls.client_public_keys:
             fail(f"--certs {certs} has no clients/*.pub keys to admit; run 'fedpriv certs --clients N'")
     check_bind(host, port, insecure, control_port, tls)
-    preflight(cfg)
+    cfg = preflight(cfg)
     if cfg.dp and cfg.target_epsilon > 0:
         console.print(f"noise multiplier {cfg.noise_multiplier:.4g} planned for target epsilon {cfg.target_epsilon:g} on "
                       "partitions of this server's own dataset. The server cannot know the owners' record counts or "
                       "past spending: each owner's own policy and ledger decide, and an owner that would exceed its "
                       "budget declines the round.")
     run_dir = resolve_run_dir(cfg)
-    cfg.run_dir = str(run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     from fedpriv.server.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run_dir)
@@ -289,7 +310,7 @@ def server(
 @guarded
 def client(
     server: Annotated[str, typer.Option("--server", help="HOST:PORT of 'fedpriv server'.")],
-    data: Annotated[str, typer.Option("--data", help="npz:PATH (your records) or partition:I/N of the run's dataset.")],
+    data: Annotated[str, typer.Option("--data", help="Your records: npz:PATH, csv:PATH, parquet:PATH or images:DIR (the run sets --label-column, --categories, --image-size); or partition:I/N of the run's dataset.")],
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Where this data owner's privacy ledger lives (one ledger per folder).")],
     budget_epsilon: Annotated[float, typer.Option("--budget-epsilon", help="Total epsilon this owner allows over every round it ever trains; rounds that would exceed it are declined ('inf' = no budget).")] = DEFAULT_BUDGET,
     min_noise_multiplier: Annotated[float, typer.Option("--min-noise-multiplier", help="Decline rounds whose DP-SGD noise multiplier is below this.")] = DEFAULT_MIN_NOISE,
@@ -399,9 +420,9 @@ def federation(cfg: RunConfig) -> None:
     from fedpriv.server.preflight import preflight
     from fedpriv.common.processes import install_signal_handlers
 
-    preflight(cfg)
+    cfg = preflight(cfg)
     run_dir = resolve_run_dir(cfg)
-    cfg.run_dir = str(run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     install_signal_handlers()
     console.print(f"[bold]fedpriv federation[/]: 1 server + {cfg.num_clients} client processes on 127.0.0.1, "
                   f"logs in {run_dir / 'logs'}")

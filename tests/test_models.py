@@ -13,6 +13,9 @@ from fedpriv.common.datasets import load_dataset
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.evaluation import evaluate
 from fedpriv.common.models import build_model, check_fit, model_from_config
+from fedpriv.client.bookkeeping import supports
+from fedpriv.client.grad_sample_modes import resolve
+from opacus.layers import DPGRU, DPLSTM
 
 MNIST1D_SAMPLES = 1000
 
@@ -67,6 +70,58 @@ def test_model_from_config_uses_its_sizes():
     assert ae.encoder[-2].out_features == 7
 
 
+@pytest.mark.parametrize("cell, layer", [("gru", DPGRU), ("lstm", DPLSTM)])
+def test_rnn_cell_option_picks_the_opacus_layer(cell, layer):
+    model = model_from_config(RunConfig(model="rnn", rnn_cell=cell, rnn_hidden=16), (1, 40), 10, seed=0)
+    assert isinstance(model.rnn, layer)
+    assert ModuleValidator.validate(model, strict=True) == []
+    assert tuple(model(torch.randn(3, 1, 40)).shape) == (3, 10)
+    # "auto" keeps exact per-sample gradients for both cells: book-keeping covers RNNLinear.
+    assert supports(model) and resolve("auto", "rnn", model) == "bookkeeping"
+
+
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rnn_cells_get_exact_clipped_per_sample_gradients(cell, mode):
+    """What ``auto`` picks (book-keeping) and its fallback (hooks) match a one-sample-at-a-time loop."""
+    from test_dp_speed import CLIP, TOL, batch_for, naive_clipped, private_step_gradient
+
+    from fedpriv.common.evaluation import task_loss
+
+    model = build_model("rnn", (1, 12), 10, rnn_hidden=16, rnn_cell=cell, seed=1)
+    x, y = batch_for("rnn", (1, 12), 10, n=6)
+    ref_norms, ref_sum = naive_clipped(model, task_loss("rnn"), x, y, CLIP)
+    assert (ref_norms > CLIP).any()
+    grad, norms = private_step_gradient(model, task_loss("rnn"), mode, x, y, expected_batch=6)
+    torch.testing.assert_close(norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
+
+
+def test_unknown_rnn_cell_is_a_config_error():
+    with pytest.raises(UserInputError, match="--rnn-cell"):
+        RunConfig(model="rnn", rnn_cell="rnn").validate()
+    with pytest.raises(UserInputError, match="--ae-layers"):
+        RunConfig(model="autoencoder", ae_layers=0).validate()
+
+
+def test_ae_layers_default_is_the_original_architecture():
+    default = build_model("autoencoder", (1, 8, 8), 0, encoding_dim=7, seed=0)
+    assert [tuple(p.shape) for p in default.parameters()] == [(400, 64), (400,), (7, 400), (7,), (400, 7), (400,),
+                                                             (64, 400), (64,)]
+    assert list(default.state_dict()) == ["encoder.1.weight", "encoder.1.bias", "encoder.3.weight", "encoder.3.bias",
+                                          "decoder.0.weight", "decoder.0.bias", "decoder.2.weight", "decoder.2.bias"]
+
+
+def test_ae_layers_two_adds_a_400_layer_on_each_side_and_opacus_accepts_it():
+    model = model_from_config(RunConfig(model="autoencoder", encoding_dim=7, ae_layers=2), (1, 8, 8), 0, seed=0)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 400), (400, 400), (400, 7), (7, 400),
+                                                                  (400, 400), (400, 64)]
+    assert ModuleValidator.validate(model, strict=True) == []
+    assert tuple(model(torch.randn(5, 1, 8, 8)).shape) == (5, 1, 8, 8)
+    assert supports(model) and resolve("auto", "autoencoder", model) == "bookkeeping"
+
+
 def test_unknown_family_is_a_user_error():
     with pytest.raises(UserInputError, match="--model"):
         build_model("transformer", (1, 8, 8), 10)
@@ -88,13 +143,34 @@ CASES = [
 @pytest.mark.parametrize("family, dataset, n, batch, epochs, lr, drop", CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_family_learns_under_dp(family, dataset, n, batch, epochs, lr, drop):
+    _learns_under_dp(family, dataset, n, batch, epochs, lr, drop)
+
+
+# The RNN with each cell (--rnn-cell), and the deeper autoencoder (--ae-layers 2).
+VARIANTS = [
+    # family, dataset, samples, batch, epochs, lr, drop, extra config
+    ("rnn", "digits", 256, 32, 5, 0.1, 0.1, {"rnn_cell": "gru"}),
+    ("rnn", "digits", 256, 32, 5, 0.1, 0.1, {"rnn_cell": "lstm"}),
+    ("rnn", "mnist1d", 64, 16, 10, 0.1, 0.03, {"rnn_cell": "gru"}),
+    ("rnn", "mnist1d", 64, 16, 10, 0.1, 0.03, {"rnn_cell": "lstm"}),
+    ("autoencoder", "digits", 256, 32, 5, 0.05, 0.2, {"ae_layers": 2}),
+]
+
+
+@pytest.mark.parametrize("family, dataset, n, batch, epochs, lr, drop, extra", VARIANTS,
+                         ids=[f"{c[0]}-{c[1]}-{'-'.join(f'{k}={v}' for k, v in c[7].items())}" for c in VARIANTS])
+def test_variant_learns_under_dp(family, dataset, n, batch, epochs, lr, drop, extra):
+    _learns_under_dp(family, dataset, n, batch, epochs, lr, drop, **extra)
+
+
+def _learns_under_dp(family, dataset, n, batch, epochs, lr, drop, **extra):
     torch.manual_seed(0)
     data = _data(dataset)
     x = np.ascontiguousarray(data.x_train[:n])
     y = np.ascontiguousarray(data.y_train[:n])
     labels = None if family == "autoencoder" else y
     cfg = RunConfig(model=family, dataset=dataset, mnist1d_samples=MNIST1D_SAMPLES, local_epochs=epochs,
-                    batch_size=batch, learning_rate=lr, noise_multiplier=0.5, max_grad_norm=1.0).validate()
+                    batch_size=batch, learning_rate=lr, noise_multiplier=0.5, max_grad_norm=1.0, **extra).validate()
     model = model_from_config(cfg, data.input_shape, data.num_classes, seed=0)
     before = evaluate(model, family, x, labels)["loss"]
     model.train()  # evaluate() left it in eval mode, which Opacus refuses
