@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedpriv.client.privacy_mods import privacy_mods
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.accounting import epsilon_for, user_level_epsilon
@@ -69,8 +69,8 @@ def test_release_noise_is_relative_to_the_replace_one_sensitivity():
 
 
 def _update_reply(arrays: dict[str, np.ndarray], **metrics) -> Message:
-    content = RecordDict({records.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          records.METRICS: MetricRecord({records.UNIT_WEIGHT: 1, records.NUM_EXAMPLES: 7, **metrics})})
+    content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          wire.METRICS: MetricRecord({wire.UNIT_WEIGHT: 1, wire.NUM_EXAMPLES: 7, **metrics})})
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
@@ -95,20 +95,20 @@ def test_adaptive_noise_is_scaled_to_the_norm_that_clipped_the_updates():
 def test_client_side_clipping_mod_clips_the_reply_to_the_norm_the_server_sent():
     sent = {"w": np.zeros(100, dtype=np.float32)}
     config = ConfigRecord({KEY_CLIPPING_NORM: 0.25, "central-dp": "client-fixed"})
-    msg = Message(RecordDict({records.ARRAYS: ArrayRecord({k: Array(v) for k, v in sent.items()}),
-                              records.CONFIG: config}), dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                              wire.CONFIG: config}), dst_node_id=1, message_type=MessageType.TRAIN)
 
     def train(m: Message, _ctx: Context) -> Message:
-        return Message(RecordDict({records.ARRAYS: ArrayRecord({"w": Array(np.full(100, 3.0, dtype=np.float32))}),
-                                   records.METRICS: MetricRecord({records.UNIT_WEIGHT: 1})}), reply_to=m)
+        return Message(RecordDict({wire.ARRAYS: ArrayRecord({"w": Array(np.full(100, 3.0, dtype=np.float32))}),
+                                   wire.METRICS: MetricRecord({wire.UNIT_WEIGHT: 1})}), reply_to=m)
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = privacy_mods(msg, ctx, train)
-    assert np.linalg.norm(reply.content[records.ARRAYS]["w"].numpy()) == pytest.approx(0.25, rel=1e-5)
+    assert np.linalg.norm(reply.content[wire.ARRAYS]["w"].numpy()) == pytest.approx(0.25, rel=1e-5)
     # Without the server's clipping key the mod leaves the update alone.
-    plain = Message(RecordDict({records.ARRAYS: ArrayRecord({k: Array(v) for k, v in sent.items()}),
-                                records.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
-    assert np.linalg.norm(privacy_mods(plain, ctx, train).content[records.ARRAYS]["w"].numpy()) > 29
+    plain = Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                                wire.CONFIG: ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    assert np.linalg.norm(privacy_mods(plain, ctx, train).content[wire.ARRAYS]["w"].numpy()) > 29
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -285,8 +285,8 @@ def test_server_momentum_leaks_nothing_the_central_noise_does_not_cover(quiet_fl
     def statistic(sign: int, seed: int) -> float:
         np.random.seed(seed)
         strategy = wrap_central_dp(FedAvgM(fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4,
-                                           weighted_by_key=records.UNIT_WEIGHT, arrayrecord_key=records.ARRAYS,
-                                           configrecord_key=records.CONFIG, server_momentum=beta), cfg)
+                                           weighted_by_key=wire.UNIT_WEIGHT, arrayrecord_key=wire.ARRAYS,
+                                           configrecord_key=wire.CONFIG, server_momentum=beta), cfg)
         return float(weights @ np.array([x[0] for x in _neighbour_run(strategy, sign, rounds, clip, 1)[1:]]))
 
     shift = statistic(+1, 0) - statistic(-1, 0)
@@ -304,7 +304,7 @@ def test_central_dp_refuses_aggregators_whose_sensitivity_is_not_that_of_the_mea
     cfg = RunConfig(num_clients=10, central_dp="server-fixed").validate()
     extra = {"client_learning_rate": 0.1} if robust == "QFedAvg" else {}
     with pytest.raises(UserInputError, match="--central-dp"):
-        wrap_central_dp(getattr(flower_strategies, robust)(weighted_by_key=records.UNIT_WEIGHT, **extra), cfg)
+        wrap_central_dp(getattr(flower_strategies, robust)(weighted_by_key=wire.UNIT_WEIGHT, **extra), cfg)
 
 
 # ------------------------------------------------------------------------------ noise and cohorts

@@ -23,7 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv.client.app import simulation_client_app
 from fedpriv.client.dp_training import train_round
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import load_dataset
 from fedpriv.common.models import model_from_config
@@ -132,7 +132,7 @@ def task_identity():
 def _forging_app(cfg: RunConfig) -> ClientApp:
     """Real DP-SGD clients; those in FORGERY then tamper with their reply before it leaves."""
     honest = simulation_client_app(cfg)
-    weight_key = records.UNIT_WEIGHT if cfg.central_dp != "off" else records.NUM_EXAMPLES
+    weight_key = wire.UNIT_WEIGHT if cfg.central_dp != "off" else wire.NUM_EXAMPLES
     stale: dict[int, Message] = {}
     app = ClientApp()
 
@@ -142,16 +142,16 @@ def _forging_app(cfg: RunConfig) -> ClientApp:
         if pid == 7 and pid in stale:
             return stale[pid]
         reply = honest(message=msg, context=context)
-        metrics, sent = reply.content[records.METRICS], msg.content[records.ARRAYS]
+        metrics, sent = reply.content[wire.METRICS], msg.content[wire.ARRAYS]
         if pid in (1, 2, 3):
-            metrics[weight_key] = {1: 10**9 if weight_key == records.NUM_EXAMPLES else 1e-9, 2: -5, 3: math.nan}[pid]
+            metrics[weight_key] = {1: 10**9 if weight_key == wire.NUM_EXAMPLES else 1e-9, 2: -5, 3: math.nan}[pid]
         elif pid == 4:
             metrics["steps"] = 10**9
-            reply.content[records.ARRAYS] = ArrayRecord({k: Array(v.numpy() + 1000.0) for k, v in sent.items()})
+            reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v.numpy() + 1000.0) for k, v in sent.items()})
         elif pid == 5:
-            reply.content[records.ARRAYS] = ArrayRecord({k: Array(-5.0 * v.numpy()) for k, v in sent.items()})
+            reply.content[wire.ARRAYS] = ArrayRecord({k: Array(-5.0 * v.numpy()) for k, v in sent.items()})
         elif pid == 6:
-            reply.content[records.ARRAYS] = ArrayRecord({k: Array(v.numpy().copy()) for k, v in sent.items()})
+            reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v.numpy().copy()) for k, v in sent.items()})
         elif pid == 7:
             stale[pid] = reply
         elif pid == 8:
@@ -231,7 +231,7 @@ def _colluding_app(step: float, shares: dict[str, float]) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config[PARTITION_ID_KEY])
-        sent = {k: v.numpy() for k, v in msg.content[records.ARRAYS].items()}
+        sent = {k: v.numpy() for k, v in msg.content[wire.ARRAYS].items()}
         if pid not in directions:
             rng = np.random.default_rng(pid)
             raw = {k: rng.standard_normal(v.shape) for k, v in sent.items()}
@@ -242,11 +242,11 @@ def _colluding_app(step: float, shares: dict[str, float]) -> ClientApp:
             start = directions[0]["_start"]
             shares["target"] = sum(float(((sent[k] - start[k]) * directions[0][k]).sum()) for k in sent) / step
         weight = 1e-9 if pid else 1
-        metrics = MetricRecord({records.NUM_EXAMPLES: weight, records.UNIT_WEIGHT: weight, records.DECLINED: 0,
+        metrics = MetricRecord({wire.NUM_EXAMPLES: weight, wire.UNIT_WEIGHT: weight, wire.DECLINED: 0,
                                 "epsilon": 1.0, "steps": 6, "sample-rate": 1 / 3, "noise-multiplier": 1.5})
         arrays = ArrayRecord({k: Array((v + step * directions[pid][k]).astype(v.dtype)) for k, v in sent.items()})
         privacy = ConfigRecord({"client-id": f"client-{pid}"})
-        return Message(RecordDict({records.ARRAYS: arrays, records.METRICS: metrics, records.PRIVACY: privacy}),
+        return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics, wire.PRIVACY: privacy}),
                        reply_to=msg)
 
     return app
@@ -273,17 +273,17 @@ def test_colluders_claiming_no_weight_cannot_single_out_a_target(tmp_path, task_
 
 def test_the_server_sets_each_weight_and_reads_the_norm_bit_off_the_update():
     plain = update_limits(RunConfig().validate(), 10, (100, 200))
-    assert server_weight({records.NUM_EXAMPLES: 150}, plain) == (150.0, None)
-    assert server_weight({records.NUM_EXAMPLES: 10**9}, plain)[0] == 200.0  # capped: the largest client expected
-    assert server_weight({records.NUM_EXAMPLES: 1e-9}, plain)[0] == 100.0  # raised: colluders cannot vanish
+    assert server_weight({wire.NUM_EXAMPLES: 150}, plain) == (150.0, None)
+    assert server_weight({wire.NUM_EXAMPLES: 10**9}, plain)[0] == 200.0  # capped: the largest client expected
+    assert server_weight({wire.NUM_EXAMPLES: 1e-9}, plain)[0] == 100.0  # raised: colluders cannot vanish
     for forged in (0, -5, math.nan, math.inf, True, "many", [1, 2], None):
-        weight, why = server_weight({records.NUM_EXAMPLES: forged}, plain)
+        weight, why = server_weight({wire.NUM_EXAMPLES: forged}, plain)
         assert weight is None and "weight" in why
     central = update_limits(RunConfig(central_dp="server-fixed").validate(), 10, (100, 200))
-    assert central.weight_key == records.UNIT_WEIGHT
-    assert server_weight({records.UNIT_WEIGHT: 1}, central) == (1.0, None)
+    assert central.weight_key == wire.UNIT_WEIGHT
+    assert server_weight({wire.UNIT_WEIGHT: 1}, central) == (1.0, None)
     for forged in (1e-9, -5, math.nan, None):
-        assert server_weight({records.UNIT_WEIGHT: forged}, central)[0] == 1.0
+        assert server_weight({wire.UNIT_WEIGHT: forged}, central)[0] == 1.0
     # Client-side clipping: the update must be clipped as claimed, and was-it-clipped is read off it.
     client = update_limits(RunConfig(central_dp="client-adaptive").validate(), 4, (100, 200), clipping_norm=0.5)
     assert client.max_norm == pytest.approx(0.5005)

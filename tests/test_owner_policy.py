@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedpriv.client.app import train_for_owner
 from fedpriv.client.ledger import LEDGER_FILE, locked_ledger, load_ledger
 from fedpriv.client.owner_policy import OwnerPolicy
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.models import model_from_config
@@ -55,7 +55,7 @@ class Owner:
         model = model_from_config(asked, (1, 8, 8), 10, seed=0)
         config = ConfigRecord({**asked.to_dict(kebab=True), "server-round": server_round, "run-uid": "run-a",
                                **(extra or {})})
-        msg = Message(RecordDict({records.ARRAYS: ArrayRecord(model.state_dict()), records.CONFIG: config}),
+        msg = Message(RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.CONFIG: config}),
                       dst_node_id=1, message_type="train")
         return train_for_owner(msg, self.context(), policy or OwnerPolicy())
 
@@ -65,9 +65,9 @@ class Owner:
 
 
 def _declined(reply: Message) -> str:
-    assert records.ARRAYS not in reply.content.array_records, "a declined round must not release an update"
-    assert reply.content[records.METRICS][records.DECLINED] == 1
-    return str(reply.content[records.PRIVACY]["decline-reason"])
+    assert wire.ARRAYS not in reply.content.array_records, "a declined round must not release an update"
+    assert reply.content[wire.METRICS][wire.DECLINED] == 1
+    return str(reply.content[wire.PRIVACY]["decline-reason"])
 
 
 def _gaussian_rounds_epsilon(sigma: float, count: int, delta: float = 1e-5) -> float:
@@ -95,8 +95,8 @@ def test_server_cannot_switch_dp_off(owner):
 
 def test_owner_who_allows_no_dp_books_an_infinite_epsilon(owner):
     reply = owner.round(replace(ROUND, dp=False), policy=OwnerPolicy(require_dp=False, budget_epsilon=math.inf))
-    assert records.ARRAYS in reply.content.array_records
-    assert math.isinf(reply.content[records.METRICS]["epsilon"])
+    assert wire.ARRAYS in reply.content.array_records
+    assert math.isinf(reply.content[wire.METRICS]["epsilon"])
     ledger = load_ledger(owner.state)
     assert [r.sampling for r in ledger.releases] == ["none"] and math.isinf(ledger.epsilon(1e-5, "rdp"))
 
@@ -115,14 +115,14 @@ def test_server_delta_and_accountant_are_ignored(owner):
     assert (release.delta, release.accountant) == (1e-5, "rdp")
     assert release.mechanism() == (1.5, 0.25, 4)
     expected = _poisson_epsilon([(1.5, 0.25, 4)])
-    assert reply.content[records.METRICS]["epsilon"] == pytest.approx(expected, rel=0.01)
-    assert reply.content[records.PRIVACY]["delta"] == 1e-5
+    assert reply.content[wire.METRICS]["epsilon"] == pytest.approx(expected, rel=0.01)
+    assert reply.content[wire.PRIVACY]["delta"] == 1e-5
 
 
 def test_budget_is_checked_before_training_under_the_owners_accountant(owner):
     policy = OwnerPolicy(budget_epsilon=_poisson_epsilon([(1.5, 0.25, 8)]) * 1.001)  # room for two rounds
     for r in (1, 2):
-        assert records.ARRAYS in owner.round(ROUND, r, policy).content.array_records
+        assert wire.ARRAYS in owner.round(ROUND, r, policy).content.array_records
     before = owner.ledger_bytes()
     reason = _declined(owner.round(replace(ROUND, accountant="gdp"), 3, policy))  # gdp would have said it fits
     assert reason.startswith("round 3 would raise epsilon to") and "(rdp, delta=1e-05)" in reason
@@ -187,10 +187,10 @@ def test_concurrent_rounds_in_threads_are_all_in_the_ledger(owner):
         t.start()
     for t in threads:
         t.join(120)
-    released = [m for m in replies if records.ARRAYS in m.content.array_records]
-    declined = [m for m in replies if records.ARRAYS not in m.content.array_records]
+    released = [m for m in replies if wire.ARRAYS in m.content.array_records]
+    declined = [m for m in replies if wire.ARRAYS not in m.content.array_records]
     assert len(released) + len(declined) == 3 and released
-    assert all("another round is training" in str(m.content[records.PRIVACY]["decline-reason"]) for m in declined)
+    assert all("another round is training" in str(m.content[wire.PRIVACY]["decline-reason"]) for m in declined)
     assert len(load_ledger(owner.state).releases) == len(released), "every released update is in the ledger"
 
 
@@ -248,7 +248,7 @@ def test_fixed_partition_sampling_is_accounted_without_amplification(owner):
     expected = _gaussian_rounds_epsilon(1.5, 4)
     assert expected > 6
     assert ledger.epsilon(1e-5, "rdp") == pytest.approx(expected, rel=0.01)
-    assert reply.content[records.METRICS]["epsilon"] == pytest.approx(expected, rel=0.01)
+    assert reply.content[wire.METRICS]["epsilon"] == pytest.approx(expected, rel=0.01)
 
 
 def test_fixed_partition_puts_every_record_in_exactly_one_batch_per_epoch():
@@ -306,15 +306,15 @@ def test_owner_missing_a_class_still_trains_the_runs_model(owner):
     with np.load(owner.data) as old:
         x, y = old["x"], old["y"]
     np.savez(owner.data, x=x, y=np.minimum(y, 8))
-    reply = owner.round(ROUND, extra={records.RUN_CLASSES: 10, records.RUN_INPUT_SHAPE: [1, 8, 8]})
-    assert records.ARRAYS in reply.content.array_records
-    assert reply.content[records.ARRAYS]["classifier.3.weight"].shape[0] == 10
+    reply = owner.round(ROUND, extra={wire.RUN_CLASSES: 10, wire.RUN_INPUT_SHAPE: [1, 8, 8]})
+    assert wire.ARRAYS in reply.content.array_records
+    assert reply.content[wire.ARRAYS]["classifier.3.weight"].shape[0] == 10
 
 
 @pytest.mark.parametrize("declared, reason", [
-    ({records.RUN_CLASSES: 5, records.RUN_INPUT_SHAPE: [1, 8, 8]}, "labels go up to 9, but the run's model has 5"),
-    ({records.RUN_CLASSES: 10, records.RUN_INPUT_SHAPE: [1, 28, 28]}, "have shape (1, 8, 8), but the run's model takes"),
-    ({records.RUN_CLASSES: 10**9, records.RUN_INPUT_SHAPE: [1, 8, 8]}, "declares 1000000000 classes"),
+    ({wire.RUN_CLASSES: 5, wire.RUN_INPUT_SHAPE: [1, 8, 8]}, "labels go up to 9, but the run's model has 5"),
+    ({wire.RUN_CLASSES: 10, wire.RUN_INPUT_SHAPE: [1, 28, 28]}, "have shape (1, 8, 8), but the run's model takes"),
+    ({wire.RUN_CLASSES: 10**9, wire.RUN_INPUT_SHAPE: [1, 8, 8]}, "declares 1000000000 classes"),
 ], ids=["labels-beyond-the-run", "other-shape", "server-sized-model"])
 def test_records_that_do_not_fit_the_run_are_declined_with_the_reason(owner, declared, reason):
     assert reason in _declined(owner.round(ROUND, extra=declared))
@@ -332,8 +332,8 @@ def test_server_cannot_pick_the_ledger_folder(owner, tmp_path, monkeypatch):
     for r, run_dir in ((1, tmp_path / "server-a"), (2, tmp_path / "server-b")):
         config = ConfigRecord({**replace(ROUND, run_dir=str(run_dir)).to_dict(kebab=True), "server-round": r,
                                "run-uid": "run-a", "run-dir": str(run_dir)})
-        msg = Message(RecordDict({records.ARRAYS: ArrayRecord(model.state_dict()), records.CONFIG: config}),
+        msg = Message(RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.CONFIG: config}),
                       dst_node_id=1, message_type="train")
-        assert records.ARRAYS in train_for_owner(msg, context, OwnerPolicy()).content.array_records
+        assert wire.ARRAYS in train_for_owner(msg, context, OwnerPolicy()).content.array_records
     assert not (tmp_path / "server-a").exists() and not (tmp_path / "server-b").exists()
     assert len(load_ledger(home / "owners" / "owner").releases) == 2, "both runs composed in the owner's own ledger"

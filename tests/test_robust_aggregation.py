@@ -20,7 +20,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpriv.client.app import simulation_client_app
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import ROBUST_STRATEGIES, RunConfig
 from fedpriv.common.datasets import load_dataset
 from fedpriv.common.errors import UserInputError
@@ -56,7 +56,7 @@ def test_robust_rules_are_refused_in_one_line_where_they_cannot_work(overrides, 
 ])
 def test_each_robust_rule_is_flowers_with_the_most_byzantine_clients_it_tolerates(name, cls, attributes):
     strategy = build_strategy(RunConfig(strategy=name).validate())
-    assert isinstance(strategy, cls) and strategy.weighted_by_key == records.NUM_EXAMPLES
+    assert isinstance(strategy, cls) and strategy.weighted_by_key == wire.NUM_EXAMPLES
     for attribute, value in attributes.items():
         assert getattr(strategy, attribute) == value
     assert set(ROBUST_STRATEGIES) == {"fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"}
@@ -85,11 +85,11 @@ def _poisoned_app(cfg: RunConfig, poisoners: tuple[int, ...], attack_norm: float
         pid = int(context.node_config[PARTITION_ID_KEY])
         if pid not in poisoners:
             return reply
-        sent, trained = msg.content[records.ARRAYS], reply.content[records.ARRAYS]
+        sent, trained = msg.content[wire.ARRAYS], reply.content[wire.ARRAYS]
         update = {k: trained[k].numpy().astype(np.float64) - sent[k].numpy() for k in sent.keys()}
         scale = attack_norm / math.sqrt(sum(float((u**2).sum()) for u in update.values()))
         sign = 1.0 if pid == poisoners[-1] else -1.0  # two sign-flipped, one only scaled up
-        reply.content[records.ARRAYS] = ArrayRecord({
+        reply.content[wire.ARRAYS] = ArrayRecord({
             k: Array((sent[k].numpy() + sign * scale * u).astype(sent[k].numpy().dtype)) for k, u in update.items()})
         return reply
 

@@ -40,7 +40,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from fedpriv.client.privacy_mods import _named_records, privacy_mods
 from fedpriv.client.secagg_guard import CLIPPED_VALUES, GUARD_STATE
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import UserInputError
 from fedpriv.server.secure_aggregation import ARRAY_NAMES, _GivenSample, run_secure_round
@@ -69,10 +69,10 @@ def train(msg: Message, ctxt: Context) -> Message:
     trained = update_of(pid)
     if ctxt.node_config.get("big"):
         trained["b"] = np.full(SHAPES["b"], 1000.0, dtype=np.float32)  # x 10/100 = 100, beyond +-8
-    metrics = MetricRecord({records.NUM_EXAMPLES: 10 * (pid + 1), records.DECLINED: 0, "steps": 1})
-    return Message(RecordDict({records.ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
-                               records.METRICS: metrics,
-                               records.PRIVACY: ConfigRecord({"client-id": f"client-{pid}"})}), reply_to=msg)
+    metrics = MetricRecord({wire.NUM_EXAMPLES: 10 * (pid + 1), wire.DECLINED: 0, "steps": 1})
+    return Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
+                               wire.METRICS: metrics,
+                               wire.PRIVACY: ConfigRecord({"client-id": f"client-{pid}"})}), reply_to=msg)
 
 
 def flower_only(msg: Message, ctxt: Context, call_next) -> Message:  # noqa: ANN001
@@ -263,7 +263,7 @@ def test_guard_refuses_a_threshold_of_at_most_half_the_shares():
 def _messages() -> tuple[list[Message], ArrayRecord]:
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     config = ConfigRecord({"server-round": 1})
-    return [Message(RecordDict({records.ARRAYS: arrays, records.CONFIG: config}), dst_node_id=n,
+    return [Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}), dst_node_id=n,
                     message_type=MessageType.TRAIN) for n in NODES], arrays
 
 
@@ -279,7 +279,7 @@ def test_guarded_round_with_a_dropout_still_equals_fedavg():
     messages, arrays = _messages()
     outcome = run_secure_round(Federation(privacy_mods, drop={0}), messages, arrays, cfg, 1)
     assert outcome.aggregate is not None
-    assert sorted(str(m.content[records.PRIVACY]["client-id"]) for m in outcome.replies) == [
+    assert sorted(str(m.content[wire.PRIVACY]["client-id"]) for m in outcome.replies) == [
         f"client-{p}" for p in range(1, 5)]
     expected = _expected([1, 2, 3, 4])
     for name in GLOBAL:
@@ -295,9 +295,9 @@ def test_values_the_quantiser_clips_are_counted_and_reported():
     outcome = run_secure_round(Federation(privacy_mods, big={0}), messages, arrays, cfg, 1)
     assert outcome.aggregate is not None
     assert outcome.clipped == {"client-0": 3}
-    by_client = {str(m.content[records.PRIVACY]["client-id"]): m for m in outcome.replies}
-    assert int(by_client["client-0"].content[records.METRICS][CLIPPED_VALUES]) == 3
-    assert int(by_client["client-1"].content[records.METRICS][CLIPPED_VALUES]) == 0
+    by_client = {str(m.content[wire.PRIVACY]["client-id"]): m for m in outcome.replies}
+    assert int(by_client["client-0"].content[wire.METRICS][CLIPPED_VALUES]) == 3
+    assert int(by_client["client-1"].content[wire.METRICS][CLIPPED_VALUES]) == 0
     # The clipped entries come back as +8 scaled back by weight: the sum is wrong there, and only there.
     expected = _expected([0, 1, 2, 3, 4])
     np.testing.assert_allclose(outcome.aggregate["w"].numpy(), expected["w"], atol=1e-4)

@@ -13,7 +13,7 @@ from flwr.common.constant import PARTITION_ID_KEY, SUPERLINK_NODE_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from fedpriv.client.app import simulation_client_app
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.server.app import build_server_app
 from fedpriv.simulations.inprocess_backend import DirectGrid
@@ -21,20 +21,20 @@ from fedpriv.simulations.inprocess_backend import DirectGrid
 def forge(kind, cfg):
     honest = simulation_client_app(cfg)
     app = ClientApp()
-    wk = records.UNIT_WEIGHT if cfg.central_dp != "off" else records.NUM_EXAMPLES
+    wk = wire.UNIT_WEIGHT if cfg.central_dp != "off" else wire.NUM_EXAMPLES
     @app.train()
     def train(msg, context):
         reply = honest(message=msg, context=context)
         if int(context.node_config[PARTITION_ID_KEY]) != 1:
             return reply
-        m, sent = reply.content[records.METRICS], msg.content[records.ARRAYS]
+        m, sent = reply.content[wire.METRICS], msg.content[wire.ARRAYS]
         if kind == "weight 1e9": m[wk] = 10**9
         if kind == "weight 1e-9": m[wk] = 1e-9
         if kind == "weight -5": m[wk] = -5
         if kind == "+1000, steps 1e9":
-            m["steps"] = 10**9; reply.content[records.ARRAYS] = ArrayRecord({k: Array(v.numpy() + 1000.0) for k, v in sent.items()})
-        if kind == "-5 x model": reply.content[records.ARRAYS] = ArrayRecord({k: Array(-5.0 * v.numpy()) for k, v in sent.items()})
-        if kind == "zero update": reply.content[records.ARRAYS] = ArrayRecord({k: Array(v.numpy().copy()) for k, v in sent.items()})
+            m["steps"] = 10**9; reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v.numpy() + 1000.0) for k, v in sent.items()})
+        if kind == "-5 x model": reply.content[wire.ARRAYS] = ArrayRecord({k: Array(-5.0 * v.numpy()) for k, v in sent.items()})
+        if kind == "zero update": reply.content[wire.ARRAYS] = ArrayRecord({k: Array(v.numpy().copy()) for k, v in sent.items()})
         if kind == "extra metric": m["surprise"] = 1.0
         if kind == "steps list": m["steps"] = [1, 2]
         return reply

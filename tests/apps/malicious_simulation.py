@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpriv.client.app import simulation_client_app
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.server.app import build_server_app
 from fedpriv.simulations.inprocess_backend import run_inprocess
@@ -30,8 +30,8 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     if pid > 2:
         return reply
-    sent = msg.content[records.ARRAYS]
-    arrays = reply.content[records.ARRAYS]
+    sent = msg.content[wire.ARRAYS]
+    arrays = reply.content[wire.ARRAYS]
     tampered = {}
     for i, name in enumerate(arrays.keys()):
         value = arrays[name].numpy().copy()
@@ -42,7 +42,7 @@ def train(msg: Message, context: Context) -> Message:
         elif pid == 2:
             value = sent[name].numpy() + 1000.0 * (value - sent[name].numpy()) + 10.0
         tampered[name] = Array(value)
-    reply.content[records.ARRAYS] = ArrayRecord(tampered)
+    reply.content[wire.ARRAYS] = ArrayRecord(tampered)
     return reply
 
 

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedpriv.client.privacy_mods import privacy_mods
-from fedpriv.common import records
+from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.server.secure_aggregation import run_secure_round
 
@@ -40,14 +40,14 @@ def update_of(pid: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
-    server_round = int(msg.content[records.CONFIG]["server-round"])
+    server_round = int(msg.content[wire.CONFIG]["server-round"])
     if pid in DROPOUTS[server_round]:
         raise RuntimeError(f"client {pid} drops out of round {server_round}")
-    sent = {k: msg.content[records.ARRAYS][k].numpy() for k in msg.content[records.ARRAYS].keys()}
+    sent = {k: msg.content[wire.ARRAYS][k].numpy() for k in msg.content[wire.ARRAYS].keys()}
     arrays = ArrayRecord({k: Array(v) for k, v in update_of(pid, sent).items()})
-    metrics = MetricRecord({records.NUM_EXAMPLES: 10 * (pid + 1), records.DECLINED: 0, "steps": 1})
+    metrics = MetricRecord({wire.NUM_EXAMPLES: 10 * (pid + 1), wire.DECLINED: 0, "steps": 1})
     privacy = ConfigRecord({"client-id": f"client-{pid}"})
-    return Message(RecordDict({records.ARRAYS: arrays, records.METRICS: metrics, records.PRIVACY: privacy}),
+    return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics, wire.PRIVACY: privacy}),
                    reply_to=msg)
 
 
@@ -105,7 +105,7 @@ def main(out: Path) -> None:
         for server_round, dropped in DROPOUTS.items():
             arrays = ArrayRecord({k: Array(v) for k, v in global_arrays.items()})
             config = ConfigRecord({"server-round": server_round})
-            messages = [Message(RecordDict({records.ARRAYS: arrays, records.CONFIG: config}), dst_node_id=n,
+            messages = [Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}), dst_node_id=n,
                                 message_type=MessageType.TRAIN) for n in nodes]
             recording = RecordingGrid(grid)
             outcome = run_secure_round(recording, messages, arrays, cfg, server_round)
@@ -113,7 +113,7 @@ def main(out: Path) -> None:
             weights = np.array([10.0 * (pid + 1) for pid in alive])
             expected = {k: sum(w * updates[p][k] for w, p in zip(weights, alive)) / weights.sum() for k in SHAPES}
             entry = {"dropped": sorted(dropped), "completed": outcome.aggregate is not None,
-                     "clients_reporting": sorted(str(m.content[records.PRIVACY]["client-id"]) for m in outcome.replies),
+                     "clients_reporting": sorted(str(m.content[wire.PRIVACY]["client-id"]) for m in outcome.replies),
                      "replies_seen": len(recording.seen),
                      "clear_updates_seen": sum(held_in_clear(m, updates) for m in recording.seen)}
             if outcome.aggregate is not None:
