@@ -6,8 +6,9 @@ import os
 import time
 from pathlib import Path
 
+from fedpriv.common.atomic_io import read_json
 from fedpriv.common.config import RunConfig
-from fedpriv.common.errors import UserInputError
+from fedpriv.common.errors import ConfigError, UserInputError
 
 
 def resolve_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:
@@ -27,3 +28,21 @@ def resolve_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:
     except OSError as exc:
         raise UserInputError(f"--run-dir {path} is not writable ({exc.strerror}); choose another folder") from None
     return path
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config a finished run saved (``config.json``); a missing or broken folder is a one-line error.
+
+    One reader for every command that opens a finished run (``fedpriv audit``, ``fedpriv score``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserInputError(f"{run_dir} is not a folder; pass the folder of a finished run (made by fedpriv simulate)")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserInputError(f"{run_dir} holds no config.json; it is not a fedpriv run folder")
+    try:
+        return RunConfig.from_mapping(read_json(config_path)).validate()
+    except UserInputError as exc:  # first: a FedprivError is a ValueError too
+        raise ConfigError(f"{config_path}: {exc}") from None
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"{config_path} is not a valid run config ({exc.__class__.__name__})") from None

@@ -55,8 +55,7 @@ def simulate(config: RunConfig | Mapping[str, Any] | None = None, /, **options: 
         raise TypeError(f"config must be a RunConfig, a mapping or None, not {type(config).__name__}")
     cfg = RunConfig.from_mapping({**base.to_dict(), **options}) if options else dataclasses.replace(base)
     cfg.validate()
-    report, run_dir = run_simulation(cfg)
-    report.run_dir = Path(run_dir)
+    report, _ = run_simulation(cfg)  # RunReport.load set report.run_dir
     return report
 
 

@@ -18,15 +18,16 @@ import torch
 from torch import nn
 
 from fedpriv.common import audit as stats
-from fedpriv.common.atomic_io import read_json, write_json
+from fedpriv.common.atomic_io import write_json
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import Dataset, dataset_options, load_dataset
-from fedpriv.common.errors import ConfigError, UserInputError
+from fedpriv.common.errors import UserInputError
 from fedpriv.common.models import check_fit, model_from_config
 from fedpriv.common.partitioning import partition
 from fedpriv.common.accounting import data_fingerprint
 from fedpriv.server.checkpoint import FINAL_MODEL
 from fedpriv.server.report import RunReport
+from fedpriv.server.run_dir import load_run_config
 
 AUDIT_FILE = "audit.json"
 MIN_RECORDS = 20  # per side; fewer cannot say anything
@@ -51,17 +52,7 @@ class AuditInputs:
 def load_run(run_dir: Path) -> AuditInputs:
     """Read config, report and final model of ``run_dir``; rebuild the data and the member set."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserInputError(f"{run_dir} is not a folder; pass the folder of a finished run (made by fedpriv simulate)")
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise UserInputError(f"{run_dir} holds no config.json; it is not a fedpriv run folder")
-    try:
-        cfg = RunConfig.from_mapping(read_json(config_path)).validate()
-    except UserInputError as exc:  # first: a FedprivError is a ValueError too
-        raise ConfigError(f"{config_path}: {exc}") from None
-    except (ValueError, AttributeError) as exc:
-        raise ConfigError(f"{config_path} is not a valid run config ({exc.__class__.__name__})") from None
+    cfg = load_run_config(run_dir)
     report = RunReport.load(run_dir)
     _check_report_matches(cfg, report, run_dir)
     model_path = run_dir / FINAL_MODEL

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from fedpriv.common.anomaly import reconstruction_scores
-from fedpriv.common.atomic_io import atomic_write, read_json
+from fedpriv.common.atomic_io import atomic_write
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import load_dataset, npz_records
-from fedpriv.common.errors import ConfigError, DataError, UserInputError
+from fedpriv.common.errors import DataError, UserInputError
 from fedpriv.common.models import build_model
 from fedpriv.server.checkpoint import FINAL_MODEL
+from fedpriv.server.run_dir import load_run_config
 
 PERCENTILES = (50, 90, 95, 99)
 SCORES_FILE = "scores.csv"
@@ -43,22 +44,6 @@ class ScoreResult:
         s = self.scores
         return {"count": len(s), "mean": float(s.mean()), "std": float(s.std()), "min": float(s.min()),
                 **{f"p{q}": float(np.percentile(s, q)) for q in PERCENTILES}, "max": float(s.max())}
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The run's config; a missing or broken folder is a one-line error."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserInputError(f"{run_dir} is not a folder; pass the folder of a finished run (made by fedpriv simulate)")
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise UserInputError(f"{run_dir} holds no config.json; it is not a fedpriv run folder")
-    try:
-        return RunConfig.from_mapping(read_json(config_path)).validate()
-    except UserInputError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
-    except (ValueError, AttributeError) as exc:
-        raise ConfigError(f"{config_path} is not a valid run config ({exc.__class__.__name__})") from None
 
 
 def owner_records(spec: str, cfg: RunConfig) -> tuple[np.ndarray, list[str]]:

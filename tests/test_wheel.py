@@ -92,19 +92,22 @@ def test_fedpriv_comes_from_the_wheel_not_the_checkout(installed):
     assert editable == "False"
 
 
-def test_simulate_from_outside_the_checkout(installed):
+def _one_round_from_outside(installed, command: str, run: str, timeout: float) -> Path:
+    """``fedpriv COMMAND`` (2 clients, 1 round) from the folder outside the checkout; its run folder."""
     _, python, outside, env = installed
-    out = subprocess.run([str(python.parent / "fedpriv"), "simulate", "--num-clients", "2", "--num-rounds", "1",
-                          "--run-dir", "runs/sim"], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(python.parent / "fedpriv"), command, "--num-clients", "2", "--num-rounds", "1",
+                          "--run-dir", f"runs/{run}"], cwd=outside, env=env, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert (outside / "runs" / "sim" / "report.json").is_file()
+    assert (outside / "runs" / run / "report.json").is_file()
+    return outside / "runs" / run
+
+
+def test_simulate_from_outside_the_checkout(installed):
+    _one_round_from_outside(installed, "simulate", "sim", timeout=300)
 
 
 def test_federation_from_outside_the_checkout(installed):
-    _, python, outside, env = installed
-    out = subprocess.run([str(python.parent / "fedpriv"), "federation", "--num-clients", "2", "--num-rounds", "1",
-                          "--run-dir", "runs/fed"], cwd=outside, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert (outside / "runs" / "fed" / "report.json").is_file()
-    app = (outside / "runs" / "fed" / "flower-app" / "pyproject.toml").read_text()
+    run_dir = _one_round_from_outside(installed, "federation", "fed", timeout=600)
+    app = (run_dir / "flower-app" / "pyproject.toml").read_text()
     assert 'serverapp = "fedpriv.server.app:app"' in app
