@@ -31,9 +31,10 @@ from fedpriv.common.evaluation import evaluate
 from fedpriv.common.models import check_fit, model_from_config
 from fedpriv.server.central_dp import amplification_holds, release_noise_multiplier
 from fedpriv.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_final_model
+from fedpriv.server.iterate_averaging import IterateAverage
 from fedpriv.server.report import RunReport
 from fedpriv.server.secure_aggregation import run_secure_round
-from fedpriv.server.strategy_factory import build_strategy
+from fedpriv.server.strategy_factory import build_strategy, optimiser_state, restore_optimiser_state
 from fedpriv.server.update_validation import (UpdateLimits, client_records, norm_bit, server_weight, update_limits,
                                       update_problem)
 
@@ -91,10 +92,13 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     num_params = sum(int(np.prod(v.shape)) for v in model.state_dict().values())
 
     ckpt = load_checkpoint(run_dir)
+    # --server-ema: the server evaluates and releases an average of the iterates (post-processing)
+    average = IterateAverage(cfg.server_ema, ckpt.averaged if ckpt else None) if cfg.server_ema else None
     if ckpt is not None:
         model.load_state_dict(ckpt.state_dict)
         report = RunReport.from_dict(ckpt.report)
         first_round = ckpt.server_round + 1
+        restore_optimiser_state(strategy, ckpt.optimiser)
         if "clipping_norm" in report.central:
             strategy.clipping_norm = float(report.central["clipping_norm"])
         log.info("resuming %s after round %d", run_dir, ckpt.server_round)
@@ -141,7 +145,8 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
                 report.central["clipping_norm"] = strategy.clipping_norm  # adaptive: the next round's, kept for resume
         else:
             log.warning("round %d: no update to aggregate; the global model is unchanged", server_round)
-        model.load_state_dict(arrays.to_torch_state_dict())
+        iterate = arrays.to_torch_state_dict()  # what the clients train on next round
+        model.load_state_dict(average.update(iterate) if average else iterate)  # what is evaluated and released
         metrics = evaluate(model, cfg.model, data.x_test, data.y_test)
         participation = {
             "trained": sorted(_client_id(m) for m in replies_sorted.accepted),
@@ -155,11 +160,12 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
         if cfg.secure_aggregation:  # client id -> values SecAgg+'s quantiser clipped (only clients that did)
             participation["secagg_clipped"] = secure.clipped
         report.add_round(server_round, metrics, participation)
-        save_checkpoint(run_dir, Checkpoint(server_round, model.state_dict(), report.to_dict()))
+        save_checkpoint(run_dir, Checkpoint(server_round, iterate, report.to_dict(),
+                                            average.state if average else None, optimiser_state(strategy)))
         report.write(run_dir, plots=False)
         observer.round_finished(server_round, {"metrics": metrics, "max_epsilon": report.max_epsilon(), **participation})
 
-    save_final_model(run_dir, model.state_dict())
+    save_final_model(run_dir, average.state if average and average.state else model.state_dict())
     report.write(run_dir, plots=True)
     return report
 

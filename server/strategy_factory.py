@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
+from typing import Any
+
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum,
                                      Strategy)
 
 from fedpriv.common import wire
@@ -12,7 +14,7 @@ from fedpriv.server.cohort import secret_cohort
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
-    """FedAvg, FedProx, FedAdam or a robust rule (``_robust_strategy``) sampling ``fraction_train`` of
+    """FedAvg, FedProx, FedAdam, FedAvgM or a robust rule (``_robust_strategy``) sampling ``fraction_train`` of
     clients, at least ``min_clients``, wrapped in Flower's central DP strategy when ``cfg.central_dp``
     asks for one (FedAdam then steps on the noisy mean, and aggregators that are not a mean are
     refused: see ``wrap_central_dp``).
@@ -38,7 +40,9 @@ def _base_strategy(cfg: RunConfig) -> FedAvg:
     if cfg.strategy == "fedprox":
         return secret_cohort(FedProx)(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "fedadam":
-        return secret_cohort(FedAdam)(eta=cfg.server_learning_rate, **common)
+        return secret_cohort(FedAdam)(eta=cfg.server_lr(), **common)
+    if cfg.strategy == "fedavgm":  # server SGD with momentum on the averaged update (post-processing)
+        return secret_cohort(FedAvgM)(server_learning_rate=cfg.server_lr(), server_momentum=cfg.server_momentum, **common)
     robust = _robust_strategy(cfg, common)
     if robust is not None:
         return robust
@@ -69,6 +73,37 @@ def _robust_strategy(cfg: RunConfig, common: dict) -> FedAvg | None:
     if cfg.strategy == "bulyan":
         return secret_cohort(Bulyan)(num_malicious_nodes=f, **common)
     return None
+
+
+# The state a server optimiser carries from round to round, by strategy class and attribute.
+_OPTIMISER_STATE = {FedAvgM: ("momentum_vector",), FedAdam: ("m_t", "v_t")}
+
+
+def _server_optimiser(strategy: Strategy) -> Strategy | None:
+    """The FedAvgM / FedAdam that steps in ``strategy`` (itself, or the one central DP hands its noisy mean to)."""
+    inner = strategy.__dict__.get("optimiser", strategy)  # server/central_dp.NoiseBeforeServerOptimiser
+    return inner if isinstance(inner, tuple(_OPTIMISER_STATE)) else None
+
+
+def optimiser_state(strategy: Strategy) -> dict[str, Any] | None:
+    """What a checkpoint keeps of the server optimiser (momentum, Adam's moments), None if there is none.
+
+    Restoring it makes a restarted server take the same steps it would have taken; without it the
+    momentum would restart from zero. It is a function of the aggregated updates alone (post-processing)."""
+    optimiser = _server_optimiser(strategy)
+    if optimiser is None:
+        return None
+    names = next(v for k, v in _OPTIMISER_STATE.items() if isinstance(optimiser, k))
+    return {name: getattr(optimiser, name) for name in names}
+
+
+def restore_optimiser_state(strategy: Strategy, state: dict[str, Any] | None) -> None:
+    """Put back what :func:`optimiser_state` returned (a checkpoint of the same run config)."""
+    optimiser = _server_optimiser(strategy)
+    if optimiser is None or not state:
+        return
+    for name, value in state.items():
+        setattr(optimiser, name, value)
 
 
 def _no_metric_aggregation(contents, weighted_by_key):  # noqa: ANN001 - Flower's callback signature
