@@ -17,6 +17,7 @@ import torch
 from opacus.layers import DPGRU, DPLSTM
 from torch import nn
 
+from fedpriv.common.config import CNN_NORMS  # --cnn-norm
 from fedpriv.common.errors import UserInputError
 
 CLASSIFIERS = ("cnn", "rnn", "mlp")
@@ -24,23 +25,30 @@ MLP_WIDTHS = (128, 64)  # the tabular classifier's hidden layers
 RNN_CELLS = {"gru": DPGRU, "lstm": DPLSTM}  # --rnn-cell: Opacus' DP-ready recurrent layers
 AE_WIDTH = 400  # the autoencoder's hidden width (input -> 400 -> encoding -> 400 -> input)
 SEQUENCE_CHUNK = 8  # 1-D sequences: time steps per GRU step (see SequenceClassifier)
+CNN_GROUPS = 8  # GroupNorm groups per conv layer (32 and 64 channels: 4 and 8 per group)
 
 
 class ConvNet(nn.Module):
-    """Two conv blocks and two dense layers, 1-D or 2-D by the input's rank."""
+    """Two conv blocks and two dense layers, 1-D or 2-D by the input's rank.
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+    ``norm="group"`` (``--cnn-norm group``) puts a GroupNorm after each convolution, before its ReLU:
+    the normalisation DP-SGD can use (BatchNorm mixes the records of a batch, so per-sample
+    gradients would not exist; GroupNorm is per record). ``"none"`` is the design card's CNN with
+    its original parameter names.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, norm: str = "none") -> None:
         super().__init__()
+        if norm not in CNN_NORMS:
+            raise UserInputError(f"--cnn-norm '{norm}' is unknown; choose one of: {', '.join(CNN_NORMS)}")
         channels, *spatial = input_shape
         conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(spatial) == 1 else (nn.Conv2d, nn.MaxPool2d)
-        self.features = nn.Sequential(
-            conv(channels, 32, kernel_size=3, padding=1),
-            nn.ReLU(),
-            pool(2),
-            conv(32, 64, kernel_size=3, padding=1),
-            nn.ReLU(),
-            pool(2),
-        )
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            normed = [nn.GroupNorm(CNN_GROUPS, c_out)] if norm == "group" else []
+            return [conv(c_in, c_out, kernel_size=3, padding=1), *normed, nn.ReLU(), pool(2)]
+
+        self.features = nn.Sequential(*block(channels, 32), *block(32, 64))
         flat = 64 * math.prod(s // 4 for s in spatial)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
 
@@ -155,12 +163,12 @@ def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset:
 
 def build_model(model: str, input_shape: tuple[int, ...], num_classes: int, *, rnn_hidden: int = 64,
                 rnn_layers: int = 1, encoding_dim: int = 32, seed: int | None = None, rnn_cell: str = "gru",
-                ae_layers: int = 1) -> nn.Module:
+                ae_layers: int = 1, cnn_norm: str = "none") -> nn.Module:
     """A fresh model; with ``seed`` its initial weights are deterministic."""
     if seed is not None:
         torch.manual_seed(seed)
     if model == "cnn":
-        return ConvNet(input_shape, num_classes)
+        return ConvNet(input_shape, num_classes, norm=cnn_norm)
     if model == "rnn":
         return SequenceClassifier(input_shape, num_classes, rnn_hidden, rnn_layers, cell=rnn_cell)
     if model == "autoencoder":
@@ -174,4 +182,4 @@ def model_from_config(cfg, input_shape: tuple[int, ...], num_classes: int, seed:
     """Build the model a :class:`~common.config.RunConfig` describes."""
     return build_model(cfg.model, input_shape, num_classes, rnn_hidden=cfg.rnn_hidden,
                        rnn_layers=cfg.rnn_layers, encoding_dim=cfg.encoding_dim, seed=seed,
-                       rnn_cell=cfg.rnn_cell, ae_layers=cfg.ae_layers)
+                       rnn_cell=cfg.rnn_cell, ae_layers=cfg.ae_layers, cnn_norm=cfg.cnn_norm)

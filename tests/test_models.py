@@ -122,6 +122,30 @@ def test_ae_layers_two_adds_a_400_layer_on_each_side_and_opacus_accepts_it():
     assert supports(model) and resolve("auto", "autoencoder", model) == "bookkeeping"
 
 
+def test_cnn_norm_none_keeps_the_design_cards_parameter_names():
+    names = list(build_model("cnn", (1, 8, 8), 10, seed=0).state_dict())
+    assert names == ["features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias",
+                     "classifier.1.weight", "classifier.1.bias", "classifier.3.weight", "classifier.3.bias"]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)])
+def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradients(shape):
+    """GroupNorm normalises each record on its own, so per-sample gradients exist; the mode ``auto``
+    resolves to for it must match a one-sample-at-a-time loop (BatchNorm would mix records)."""
+    from test_dp_speed import CLIP, TOL, batch_for, naive_clipped, private_step_gradient
+
+    from fedpriv.common.evaluation import task_loss
+
+    model = model_from_config(RunConfig(cnn_norm="group"), shape, 10, seed=0)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 2
+    assert ModuleValidator.validate(model, strict=True) == []
+    x, y = batch_for("cnn", shape, 10, n=6)
+    ref_norms, ref_sum = naive_clipped(model, task_loss("cnn"), x, y, CLIP)
+    grad, norms = private_step_gradient(model, task_loss("cnn"), resolve("auto", "cnn", model), x, y, expected_batch=6)
+    torch.testing.assert_close(norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
+
+
 def test_unknown_family_is_a_user_error():
     with pytest.raises(UserInputError, match="--model"):
         build_model("transformer", (1, 8, 8), 10)
