@@ -19,7 +19,8 @@ BUILTIN_DATASETS = ("digits", "mnist1d")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 # Flower's Byzantine-robust rules: they need every client's own update and are not a mean (RunConfig.validate).
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", *ROBUST_STRATEGIES)
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", *ROBUST_STRATEGIES)
+SERVER_LR_DEFAULTS = {"fedadam": 0.01, "fedavgm": 1.0}  # --server-learning-rate 0: the strategy's own default
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 DECISION_ACCOUNTANTS = ("rdp", "prv")  # upper bounds: the only ones a budget decision may use (gdp approximates)
 CENTRAL_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
@@ -28,6 +29,7 @@ SIMULATION_BACKENDS = ("in-process", "ray")
 # "bookkeeping" = our single-backward-pass exact clipping (client/bookkeeping.py).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
 RNN_CELLS = ("gru", "lstm")  # Opacus' DPGRU / DPLSTM (common/models.py)
+CNN_NORMS = ("none", "group")  # --cnn-norm (common/models.py)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class RunConfig:
     image_size: int = field(default=32, metadata={"help": "images: side every image is resized to (RGB, NxN)."})
     mnist1d_samples: int = field(default=10_000, metadata={"help": "Samples MNIST-1D generates locally."})
     num_clients: int = field(default=10, metadata={"help": "Number of data owners (virtual clients)."})
-    num_rounds: int = field(default=10, metadata={"help": "Federated rounds."})
+    num_rounds: int = field(default=20, metadata={"help": "Federated rounds."})
     fraction_train: float = field(default=1.0, metadata={"help": "Fraction of clients sampled per round."})
     min_clients: int = field(default=2, metadata={"help": "Minimum clients per round."})
     partitioning: str = field(default="iid", metadata={"help": "iid, dirichlet or shards."})
@@ -55,19 +57,21 @@ class RunConfig:
     classes_per_client: int = field(default=2, metadata={"help": "Classes per client for 'shards'."})
     test_fraction: float = field(default=0.2, metadata={"help": "Held-out share for the server's test set."})
     seed: int = field(default=0, metadata={"help": "Seed for data split, partitioning and model init."})
-    strategy: str = field(default="fedavg", metadata={"help": "fedavg, fedprox or fedadam."})
+    strategy: str = field(default="fedavgm", metadata={"help": "fedavg, fedprox, fedadam, fedavgm (server momentum) or a robust rule."})
     proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight."})
-    server_learning_rate: float = field(default=0.01, metadata={"help": "FedAdam server step size (eta)."})
+    server_learning_rate: float = field(default=0.0, metadata={"help": "Server step size of fedadam (eta) and fedavgm (0 = the strategy's default: fedadam 0.01, fedavgm 1.0)."})
+    server_momentum: float = field(default=0.8, metadata={"help": "fedavgm: momentum of the server's SGD on the averaged update (Hsu et al. 2019), in [0, 1); other strategies have none."})
+    server_ema: float = field(default=0.0, metadata={"help": "Decay of the exponential moving average of the global model's iterates that the server evaluates and releases (0 = off; post-processing, no privacy cost)."})
     trimmed_beta: float = field(default=0.2, metadata={"help": "fedtrimmedavg: fraction of updates cut from each end, per coordinate, before averaging (in [0, 0.5); must trim at least one update per side)."})
     num_malicious: int = field(default=0, metadata={"help": "krum, multikrum, bulyan: Byzantine clients per round the rule must withstand (0 = the most it can with the clients per round: m > 2f+2 for Krum and MultiKrum, m >= 4f+3 for Bulyan). MultiKrum averages the m - f best-scored updates."})
     max_update_norm: float = field(default=0.0, metadata={"help": "Largest L2 norm of a client's model update the server accepts (0 = derived from this config: the most local training with these lr, momentum, epochs, batch size, clip and noise can move a client of up to --max-client-records records; see README)."})
     max_client_records: int = field(default=0, metadata={"help": "Most records the server credits one client with: caps FedAvg's weight and bounds the local steps in the update norm bound (0 = the largest share the run's partitioning gives the server's own training set, exact in simulation; set it in deployments)."})
-    local_epochs: int = field(default=2, metadata={"help": "Local epochs per round."})
-    batch_size: int = field(default=64, metadata={"help": "Expected local batch size (Poisson: rate = batch/n)."})
-    learning_rate: float = field(default=0.1, metadata={"help": "Client SGD learning rate."})
+    local_epochs: int = field(default=1, metadata={"help": "Local epochs per round."})
+    batch_size: int = field(default=144, metadata={"help": "Expected local batch size (Poisson: rate = batch/n)."})
+    learning_rate: float = field(default=0.5, metadata={"help": "Client SGD learning rate."})
     momentum: float = field(default=0.9, metadata={"help": "Client SGD momentum."})
     dp: bool = field(default=True, metadata={"help": "Local DP-SGD with Opacus on every client."})
-    noise_multiplier: float = field(default=1.5, metadata={"help": "DP-SGD noise multiplier (sigma)."})
+    noise_multiplier: float = field(default=5.2, metadata={"help": "DP-SGD noise multiplier (sigma)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "DP-SGD per-sample clipping bound."})
     delta: float = field(default=1e-5, metadata={"help": "Target delta of (epsilon, delta)-DP."})
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: rdp (upper bound), prv (tight numerical estimate) or gdp (CLT approximation: can underestimate epsilon, badly for few steps or little noise)."})
@@ -89,6 +93,7 @@ class RunConfig:
     rnn_layers: int = field(default=1, metadata={"help": "RNN recurrent layers."})
     rnn_cell: str = field(default="gru", metadata={"help": "RNN cell: gru (Opacus DPGRU) or lstm (Opacus DPLSTM, the design card's)."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
+    cnn_norm: str = field(default="none", metadata={"help": "CNN: none (the design card's) or group (GroupNorm after each convolution)."})
     ae_layers: int = field(default=1, metadata={"help": "Autoencoder hidden layers of 400 on each side of the bottleneck (1 = input-400-encoding-400-input)."})
     round_timeout: float = field(default=600.0, metadata={"help": "Seconds the server waits for replies in a round before going on without the missing clients."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})
@@ -156,6 +161,7 @@ class RunConfig:
         _positive_int("rnn-layers", self.rnn_layers)
         _positive_int("encoding-dim", self.encoding_dim)
         check_choice("rnn-cell", self.rnn_cell, RNN_CELLS)
+        check_choice("cnn-norm", self.cnn_norm, CNN_NORMS)
         _positive_int("ae-layers", self.ae_layers)
         if self.mnist1d_samples < 100:
             raise ConfigError(f"--mnist1d-samples must be >= 100 (got {self.mnist1d_samples})")
@@ -176,7 +182,12 @@ class RunConfig:
             raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             raise ConfigError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
-        _positive_float("server-learning-rate", self.server_learning_rate)
+        if not (self.server_learning_rate >= 0 and math.isfinite(self.server_learning_rate)):
+            raise ConfigError(f"--server-learning-rate must be >= 0, 0 meaning the strategy's default (got {self.server_learning_rate})")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"--server-momentum must be in [0, 1) (got {self.server_momentum})")
+        if not 0.0 <= self.server_ema < 1.0:
+            raise ConfigError(f"--server-ema must be in [0, 1), 0 meaning off (got {self.server_ema})")
         check_choice("central-dp", self.central_dp, CENTRAL_DP_MODES)
         if self.central_dp != "off":
             _positive_float("central-noise-multiplier", self.central_noise_multiplier)
@@ -211,6 +222,10 @@ class RunConfig:
         return self
 
 
+    def server_lr(self) -> float:
+        """The server optimiser's step size: ``--server-learning-rate``, or the strategy's default for 0."""
+        return self.server_learning_rate or SERVER_LR_DEFAULTS.get(self.strategy, 1.0)
+
     def malicious_clients(self, sampled: int | None = None) -> int:
         """f of Krum, MultiKrum and Bulyan: ``--num-malicious``, or the most the rule withstands with
         ``sampled`` clients per round (Krum needs m > 2f+2, Bulyan m >= 4f+3)."""
@@ -234,7 +249,7 @@ class RunConfig:
         if self.secure_aggregation:
             raise ConfigError(
                 f"--strategy {self.strategy} needs every client's own update, which --secure-aggregation hides from "
-                "the server (it learns only the sum); use fedavg, fedprox or fedadam with secure aggregation"
+                "the server (it learns only the sum); use fedavg, fedprox, fedadam or fedavgm with secure aggregation"
             )
         if self.central_dp != "off":
             raise ConfigError(

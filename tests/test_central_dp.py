@@ -76,7 +76,7 @@ def _update_reply(arrays: dict[str, np.ndarray], **metrics) -> Message:
 
 def test_adaptive_noise_is_scaled_to_the_norm_that_clipped_the_updates():
     np.random.seed(0)  # Flower draws the noisy clipped count from NumPy's global generator
-    cfg = RunConfig(num_clients=5, central_dp="server-adaptive", central_noise_multiplier=1.0,
+    cfg = RunConfig(num_clients=5, central_dp="server-adaptive", central_noise_multiplier=1.0, strategy="fedavg",
                     central_clipping_norm=0.5, central_count_stddev=0.6).validate()
     wrapper = build_strategy(cfg)
     assert isinstance(wrapper, ServerSideAdaptiveClipping)

@@ -83,6 +83,11 @@ def test_uncoercible_value_is_a_user_error(key, value):
     ({"dirichlet_alpha": 0.0}, "--dirichlet-alpha"),
     ({"budget_epsilon": -1.0}, "--budget-epsilon"),
     ({"mnist1d_samples": 10}, "--mnist1d-samples"),
+    ({"server_momentum": 1.0, "strategy": "fedavgm"}, "--server-momentum"),
+    ({"server_ema": 1.0}, "--server-ema"),
+    ({"server_ema": -0.1}, "--server-ema"),
+    ({"server_learning_rate": -1.0}, "--server-learning-rate"),
+    ({"cnn_norm": "batch"}, "--cnn-norm"),
 ])
 def test_each_bad_value_names_its_option(changes, option):
     cfg = dataclasses.replace(RunConfig(), **changes)

@@ -104,7 +104,10 @@ def test_norm_bound_comes_from_the_servers_config_and_admits_honest_training(dp)
     assert math.isfinite(bound) and bound > 0
     honest = max(_honest_update_norm(cfg, data, model_from_config(cfg, data.input_shape, data.num_classes,
                                                                   seed=cfg.seed), parts[i]) for i in range(2))
-    assert honest < bound / 1.5, (honest, bound)  # margin: an honest client is never dropped for its norm
+    # Margin: an honest client is never dropped for its norm. With DP the main job's update is mostly
+    # noise (sigma 5.2): a Gaussian vector's norm concentrates at its std times sqrt(d), which the bound
+    # takes plus NOISE_TAIL more; without DP the gradient part's worst case leaves far more room.
+    assert honest < bound / (1.2 if dp else 1.5), (honest, bound)
     plus_1000 = ArrayRecord({k: Array(v.numpy() + 1000.0) for k, v in reference.items()})
     minus_5x = ArrayRecord({k: Array(-5.0 * v.numpy()) for k, v in reference.items()})
     assert "norm" in update_problem(plus_1000, reference, bound)

@@ -55,8 +55,8 @@ def test_plan_budget_needs_exactly_one_target():
     with pytest.raises(fedpriv.ConfigError, match="exactly one of target_epsilon"):
         fedpriv.plan_budget(1000, target_epsilon=3.0, noise_multiplier=1.0)
     plan = fedpriv.plan_budget(1000, noise_multiplier=1.5, rounds=3)
-    # the main job's 2 epochs of ceil(1000 / 64) = 16 Poisson batches (rate 1/16), three rounds
-    assert (plan.rounds, plan.steps_per_round, plan.total_steps, plan.sample_rate) == (3, 32, 96, 1 / 16)
+    # the main job's 1 epoch of ceil(1000 / 144) = 7 Poisson batches (rate 1/7), three rounds
+    assert (plan.rounds, plan.steps_per_round, plan.total_steps, plan.sample_rate) == (3, 7, 21, 1 / 7)
     assert 0 < plan.epsilon < fedpriv.plan_budget(1000, noise_multiplier=1.5, rounds=4).epsilon
 
 

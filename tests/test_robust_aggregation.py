@@ -119,7 +119,9 @@ def test_poisoned_federation_fedavg_degrades_and_robust_rules_hold_accuracy(tmp_
     it near an unattacked FedAvg run's (measured: clean 0.85-0.90, robust rules 0.77-0.92 after 4
     rounds). --no-dp: the attack, not DP noise, is what is measured."""
     def config(strategy: str, tag: str) -> RunConfig:
+        # the previous main job's local training (batch 64, lr 0.1), which these measurements were made with
         return RunConfig(num_clients=CLIENTS, num_rounds=ROUNDS, local_epochs=4, dp=False, strategy=strategy,
+                         batch_size=64, learning_rate=0.1,
                          num_malicious=len(POISONERS) if strategy in ROBUST_STRATEGIES else 0,
                          trimmed_beta=0.2, run_dir=str(tmp_path / tag)).validate()
 
