@@ -8,8 +8,8 @@ import math
 import pytest
 
 from fedpriv.common.config import RunConfig
-from fedpriv.simulations.bench.quality import (RECIPES, Recipe, Run, command_line, markdown_table, planned, run_options,
-                                        verdict, write_results)
+from fedpriv.simulations.bench.quality import (RECIPES, Ablation, Recipe, Run, command_line, markdown_table, planned,
+                                               run_options, verdict, write_results)
 
 
 def _run(recipe: str, epsilon: float, value: float, max_epsilon: float, metric: str = "accuracy") -> Run:
@@ -21,14 +21,28 @@ def test_every_recipe_is_a_valid_simulate_command_line():
     for recipe in RECIPES:
         if recipe.sweep:  # three epsilons or more for the plot (the others draw their per-round curve)
             assert len({recipe.epsilon, *recipe.sweep}) >= 3, recipe.key
-        for epsilon in (recipe.epsilon, *recipe.sweep, math.inf):
-            options = run_options(recipe, epsilon, quick=False)
+        runs = [(e, None) for e in (recipe.epsilon, *recipe.sweep, math.inf)] + [(recipe.epsilon, a) for a in recipe.ablations]
+        for epsilon, ablation in runs:
+            options = run_options(recipe, epsilon, quick=False, ablation=ablation)
             args = command_line(options)
             assert args[0] == "simulate"
             cfg = RunConfig.from_mapping(options).validate()
             assert cfg.dp == math.isfinite(epsilon)
-            assert cfg.target_epsilon == (epsilon if math.isfinite(epsilon) else 0.0)
+            if recipe.derive_noise or ablation is not None and "target-epsilon" in ablation.options:
+                assert cfg.target_epsilon == (epsilon if math.isfinite(epsilon) else 0.0)
+            else:  # the main job: its defaults, as a newcomer runs them
+                assert cfg.target_epsilon == 0.0 and (not cfg.dp or options == {})
             assert ("--no-dp" in args) == (not cfg.dp)
+
+
+def test_the_main_job_recipe_is_simulate_with_no_options_and_its_defaults_spend_at_most_its_epsilon():
+    """The table's first row must be what `fedpriv simulate` does; its defaults must keep the smallest
+    digits client (143 records) within the row's epsilon (the accountant, not a hope)."""
+    from fedpriv.common.accounting import plan_budget
+
+    main = RECIPES[0]
+    assert main.key == "main-job" and command_line(run_options(main, main.epsilon, quick=False)) == ["simulate"]
+    assert plan_budget(dataset_size=143, noise_multiplier=RunConfig().noise_multiplier).epsilon <= main.epsilon
 
 
 def test_quick_options_shrink_the_run_but_keep_the_recipe():
@@ -41,11 +55,16 @@ def test_quick_options_shrink_the_run_but_keep_the_recipe():
 
 def test_plan_runs_main_and_non_private_first_then_the_sweep():
     recipe = RECIPES[0]
-    plan = [e for _, e in planned([recipe], sweep=True, quick=False)]
-    assert plan[:2] == [recipe.epsilon, math.inf] and sorted(plan[2:]) == sorted(recipe.sweep)
-    assert [e for _, e in planned([recipe], sweep=False, quick=False)] == [recipe.epsilon, math.inf]
-    assert [e for _, e in planned([recipe], sweep=True, quick=True)] == [recipe.epsilon, math.inf, min(recipe.sweep)]
-    assert [e for _, e in planned([recipe], sweep=True, quick=False, parts=("no-dp",))] == [math.inf]
+    recipe = Recipe("c", "C", {}, "accuracy", 8.0, sweep=(2.0, 4.0),
+                    ablations=(Ablation("x", {"momentum": 0.0}), Ablation("y", {"momentum": 0.5})))
+    plan = [(e, a) for _, e, a in planned([recipe], sweep=True, quick=False)]
+    assert plan[:2] == [(recipe.epsilon, None), (math.inf, None)]
+    assert sorted(e for e, _ in plan[2:4]) == sorted(recipe.sweep)
+    assert plan[4:] == [(8.0, recipe.ablations[0]), (8.0, recipe.ablations[1])]  # ablations at the recipe's epsilon
+    assert [e for _, e, _ in planned([recipe], sweep=False, quick=False)] == [recipe.epsilon, math.inf]
+    assert [(e, a) for _, e, a in planned([recipe], sweep=True, quick=True)] == [
+        (recipe.epsilon, None), (math.inf, None), (min(recipe.sweep), None), (8.0, recipe.ablations[0])]
+    assert [e for _, e, _ in planned([recipe], sweep=True, quick=False, parts=("no-dp",))] == [math.inf]
 
 
 def test_the_main_recipe_and_the_autoencoder_have_separate_runs_at_three_epsilons():
@@ -58,6 +77,9 @@ def test_verdicts_say_by_how_much_a_target_is_missed():
     assert verdict(classifier, _run("c", 8.0, 0.912, 7.99), None) == "yes"
     assert verdict(classifier, _run("c", 8.0, 0.874, 7.99), None) == "no: 2.6 points short"
     assert verdict(classifier, _run("c", 8.0, 0.95, 8.5), None).startswith("no: ε 8.50")  # over budget never passes
+    swept = Recipe("c", "C", {}, "accuracy", 8.0, sweep=(2.0, 4.0), min_accuracy=0.94, sweep_targets={2.0: 0.88})
+    assert verdict(swept, _run("c", 2.0, 0.85, 1.99), None) == "no: 3.0 points short"  # each epsilon its own target
+    assert verdict(swept, _run("c", 4.0, 0.10, 3.99), None) == ""  # no target at 4
     autoencoder = Recipe("a", "A", {}, "mse", 8.0, max_mse_ratio=1.5)
     baseline = _run("a", math.inf, 0.20, math.inf, "mse")
     assert verdict(autoencoder, _run("a", 8.0, 0.28, 7.9, "mse"), baseline) == "yes (1.40×)"
@@ -72,6 +94,24 @@ def test_table_has_one_row_per_run_and_the_verdict_on_the_main_run():
     assert "target ε 8" in rows[0] and rows[0].rstrip().endswith("| yes |")
     assert "no DP" in rows[1] and "∞" in rows[1]
     assert "target ε 2" in rows[2]
+    ablated = _run("c", 8.0, 0.55, 7.9)
+    ablated.without = "server momentum"
+    rows = markdown_table([recipe], [*runs, ablated]).splitlines()[2:]
+    assert "without server momentum" in rows[1] and rows[1].rstrip().endswith("|  |")  # no verdict on an ablation
+
+
+def test_repeated_runs_get_a_mean_row_judged_on_the_mean():
+    recipe = Recipe("c", "CNN", {}, "accuracy", 4.0, min_accuracy=0.8, repeats=3,
+                    ablations=(Ablation("momentum", {"momentum": 0.0}),))
+    plan = planned([recipe], sweep=True, quick=False)
+    assert [(e, a is None) for _, e, a in plan].count((4.0, True)) == 3 and len(plan) == 3 + 1 + 3
+    runs = [_run("c", 4.0, v, 3.9) for v in (0.75, 0.85, 0.86)]
+    for i, run in enumerate(runs, 1):
+        run.repeat = i
+    rows = markdown_table([recipe], runs).splitlines()[2:]
+    assert len(rows) == 4 and "(run 1)" in rows[0] and rows[0].rstrip().endswith("| no: 5.0 points short |")
+    assert "mean of 3 runs" in rows[3] and "0.820" in rows[3] and rows[3].rstrip().endswith("| yes |")
+    assert "min 0.750, max 0.860" in rows[3]
 
 
 def test_results_are_strict_json_with_a_plot(tmp_path):
