@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,38 @@ def fedpriv(cache_dir):
         proc = subprocess.run([sys.executable, "-m", "fedpriv.simulations.cli", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+class InProcessTimeout(BaseException):
+    """Not an ``Exception``: the command's last-resort handler must not turn it into an error line."""
+
+
+@pytest.fixture
+def fedpriv_in_process(cache_dir):
+    """Invoke the same ``fedpriv`` typer app (same commands, same ``guarded`` one-line error path) in this
+    process, through click's test runner: for many bad-input cases, where a child process per case costs
+    seconds of interpreter and torch start-up. Tests using it keep at least one real child-process case
+    (``fedpriv`` fixture) for what only a process shows: its exit status and a stderr with nothing else on it.
+    Any exception other than the command's own exit fails here, as a traceback would in the child."""
+    from typer.testing import CliRunner
+
+    from fedpriv.simulations.cli import app
+
+    def run(*args: str, timeout: int = 120) -> CliResult:
+        def expired(signum, frame):  # noqa: ARG001 - bounded in time like the child: a missed check must not hang
+            raise InProcessTimeout(f"fedpriv {' '.join(args)} ran past {timeout} s")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(timeout)
+        try:
+            result = CliRunner().invoke(app, list(args), env={"FEDPRIV_CACHE": str(cache_dir), "COLUMNS": "120"})
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, repr(result.exception))
+        return CliResult(result.exit_code, result.stdout, result.stderr)
 
     return run
 

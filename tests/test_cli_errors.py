@@ -50,8 +50,8 @@ def test_bad_options(fedpriv, tmp_path, args, needles):
     assert not (tmp_path / "run" / "report.json").exists()
 
 
-def test_bad_datasets(fedpriv, tmp_path, npz_files):
-    cases = [
+def _bad_dataset_cases(tmp_path, npz_files):
+    return [
         (["--dataset", f"npz:{tmp_path / 'missing.npz'}"], ["not found"]),
         (["--dataset", f"npz:{npz_files['garbage']}"], ["not a readable .npz"]),
         (["--dataset", f"npz:{npz_files['no_x']}"], ["no array named 'x'"]),
@@ -60,8 +60,19 @@ def test_bad_datasets(fedpriv, tmp_path, npz_files):
         (["--dataset", f"npz:{npz_files['huge_labels']}"],
          [str(npz_files["huge_labels"]), "up to 1000000000", "at most 1000 classes", "0..3"]),
     ]
-    for args, needles in cases:
-        assert_clean_error(fedpriv("simulate", "--run-dir", str(tmp_path / "run"), *args, timeout=120), *needles)
+
+
+def test_bad_datasets(fedpriv_in_process, tmp_path, npz_files):
+    """Each case through the same ``fedpriv simulate`` command in this process (a child per case spent
+    ~15 s loading torch); the test below runs the data case that once crashed as a real child process."""
+    for args, needles in _bad_dataset_cases(tmp_path, npz_files):
+        assert_clean_error(fedpriv_in_process("simulate", "--run-dir", str(tmp_path / "run"), *args), *needles)
+        assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_bad_dataset_in_a_real_process(fedpriv, tmp_path, npz_files):
+    args, needles = _bad_dataset_cases(tmp_path, npz_files)[-1]  # huge labels: once asked for 512 GB
+    assert_clean_error(fedpriv("simulate", "--run-dir", str(tmp_path / "run"), *args, timeout=120), *needles)
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -71,19 +82,30 @@ def test_bad_datasets(fedpriv, tmp_path, npz_files):
     (["--control-port", "0"], ["--control-port must be a port number", "(got 0)"]),
     (["--control-port", "99999"], ["--control-port must be a port number", "99999"]),
 ])
-def test_bad_server_ports(fedpriv, tmp_path, args, needles):
-    """Checked before anything binds or starts: one line naming the option, exit 2, no run folder."""
-    result = fedpriv("server", "--insecure", "--run-dir", str(tmp_path / "run"), *args, timeout=120)
+def test_bad_server_ports(fedpriv_in_process, tmp_path, args, needles):
+    """Checked before anything binds or starts: one line naming the option, exit 2, no run folder.
+    In this process (the child spent ~8 s importing); ``test_bad_ports_in_real_processes`` runs children."""
+    result = fedpriv_in_process("server", "--insecure", "--run-dir", str(tmp_path / "run"), *args)
     assert_clean_error(result, *needles)
     assert not (tmp_path / "run" / "report.json").exists()
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "65536"])
-def test_bad_client_local_port(fedpriv, tmp_path, port):
+def test_bad_client_local_port(fedpriv_in_process, tmp_path, port):
     """Checked before the SuperNode starts (it once failed as a misleading 'TLS handshake' line)."""
-    result = fedpriv("client", "--insecure", "--server", "127.0.0.1:9", "--data", "partition:0/2",
-                     "--state-dir", str(tmp_path / "state"), "--local-port", port, timeout=120)
+    result = fedpriv_in_process("client", "--insecure", "--server", "127.0.0.1:9", "--data", "partition:0/2",
+                                "--state-dir", str(tmp_path / "state"), "--local-port", port)
     assert_clean_error(result, "--local-port must be a port number in 1..65535, or 0 for any free one", port)
+
+
+def test_bad_ports_in_real_processes(fedpriv, tmp_path):
+    """One server and one client case as real ``fedpriv`` child processes: exit 2, one line, nothing started."""
+    result = fedpriv("server", "--insecure", "--run-dir", str(tmp_path / "run"), "--port", "99999", timeout=120)
+    assert_clean_error(result, "--port must be a port number in 1..65535", "99999")
+    assert not (tmp_path / "run" / "report.json").exists()
+    result = fedpriv("client", "--insecure", "--server", "127.0.0.1:9", "--data", "partition:0/2",
+                     "--state-dir", str(tmp_path / "state"), "--local-port", "99999", timeout=120)
+    assert_clean_error(result, "--local-port must be a port number in 1..65535, or 0 for any free one", "99999")
 
 
 def test_unwritable_run_dir(fedpriv, tmp_path):

@@ -32,7 +32,9 @@ def test_reconstruction_scores_is_the_per_record_mse():
     assert reconstruction_scores(model, x[:0]).shape == (0,)
 
 
-def test_score_a_real_autoencoder_run(fedpriv, tmp_path):
+def test_score_a_real_autoencoder_run(fedpriv, fedpriv_in_process, tmp_path):
+    """The run, the built-in data's scores and the wrong-size error as real child processes; the owner's
+    npz through the same ``fedpriv score`` command in this process (a child spent ~10 s starting)."""
     run = tmp_path / "ae-run"
     result = fedpriv("simulate", "--model", "autoencoder", "--dataset", "digits", "--num-clients", "2",
                      "--num-rounds", "1", "--local-epochs", "1", "--run-dir", str(run), timeout=300)
@@ -54,7 +56,7 @@ def test_score_a_real_autoencoder_run(fedpriv, tmp_path):
     records = np.random.default_rng(1).uniform(0, 1, size=(30, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "owner.npz", x=records)
     out = tmp_path / "owner-scores.csv"
-    result = fedpriv("score", str(run), "--data", f"npz:{tmp_path / 'owner.npz'}", "--out", str(out), timeout=120)
+    result = fedpriv_in_process("score", str(run), "--data", f"npz:{tmp_path / 'owner.npz'}", "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = _rows(out)
     assert len(rows) == 30 and {r["split"] for r in rows} == {"data"}
@@ -67,19 +69,19 @@ def test_score_a_real_autoencoder_run(fedpriv, tmp_path):
     assert not (tmp_path / "w.csv").exists()
 
 
-def test_score_refuses_a_run_that_is_not_an_autoencoder(fedpriv, tmp_path):
+def test_score_refuses_a_run_that_is_not_an_autoencoder(fedpriv_in_process, tmp_path):
     run = tmp_path / "cnn-run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(RunConfig(model="cnn").to_dict()))
-    result = fedpriv("score", str(run), "--data", "digits", timeout=120)
+    result = fedpriv_in_process("score", str(run), "--data", "digits")
     assert_clean_error(result, "autoencoder")
     assert not (run / "scores.csv").exists()
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
-def test_score_needs_a_run_folder(fedpriv, tmp_path, make):
+def test_score_needs_a_run_folder(fedpriv_in_process, tmp_path, make):
     run = tmp_path / "run"
     if make == "empty":
         run.mkdir()
-    result = fedpriv("score", str(run), "--data", "digits", timeout=120)
+    result = fedpriv_in_process("score", str(run), "--data", "digits")
     assert_clean_error(result, str(run))

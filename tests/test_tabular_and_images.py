@@ -224,13 +224,29 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     ], base
 
 
-def test_each_bad_input_is_one_line_and_exit_2(tmp_path, fedpriv):
+def _assert_one_line_exit_2(args, expected, returncode, stdout, stderr):
+    err = stderr.strip()
+    assert returncode == 2, (args, stdout[-1000:], err[-1000:])
+    assert len(err.splitlines()) == 1 and expected in err, (args, err)
+
+
+def test_each_bad_input_is_one_line_and_exit_2(tmp_path, fedpriv_in_process):
+    """Every case through the real ``fedpriv simulate`` command, in this process (a child per case cost
+    ~7 s of start-up each); the next test runs a table and an image folder case as real child processes."""
     cases, base = _bad_inputs(tmp_path)
     for args, expected in cases:
-        result = fedpriv("simulate", *args, *base, "--run-dir", str(tmp_path / "run"), timeout=120)
-        err = result.stderr.strip()
-        assert result.returncode == 2, (args, result.stdout[-1000:], err[-1000:])
-        assert len(err.splitlines()) == 1 and expected in err, (args, err)
+        result = fedpriv_in_process("simulate", *args, *base, "--run-dir", str(tmp_path / "run"))
+        _assert_one_line_exit_2(args, expected, result.returncode, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("which", ["csv", "images"])
+def test_a_bad_table_and_a_bad_image_folder_fail_as_one_line_and_exit_2_in_a_real_process(tmp_path, fedpriv, which):
+    """Process level: the real ``fedpriv`` child exits 2 with exactly one line on stderr (no warning,
+    no traceback from an import), for a table (csv loader) and an image folder (Pillow loader)."""
+    cases, base = _bad_inputs(tmp_path)
+    args, expected = next((a, e) for a, e in cases if a[1].startswith(f"{which}:") and "good" not in a[1])
+    result = fedpriv("simulate", *args, *base, "--run-dir", str(tmp_path / "run"), timeout=120)
+    _assert_one_line_exit_2(args, expected, result.returncode, result.stdout, result.stderr)
 
 
 def test_owner_preflight_and_records_give_one_line_errors(tmp_path):
