@@ -27,7 +27,7 @@ class IterateAverage:
 
     def update(self, iterate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fold ``iterate`` in and return the new average (a copy the caller may keep)."""
-        if self.state is None or self.state.keys() != iterate.keys():
+        if self.state is None:
             self.state = {k: v.detach().clone() for k, v in iterate.items()}
         else:
             for key, value in iterate.items():

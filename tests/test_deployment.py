@@ -16,6 +16,7 @@ from fedpriv.common.config import RunConfig
 from fedpriv.client.ledger import load_ledger
 from fedpriv.common.accounting import epsilon_for
 from fedpriv.simulations.federation import LocalFederation
+from tests.conftest import PREVIOUS_TRAINING_FLAGS
 from tests.test_cli_errors import assert_clean_error
 
 pytestmark = pytest.mark.e2e
@@ -56,12 +57,8 @@ def _ledger(run_dir: Path, client: str):
 
 def test_federation_command_with_secure_aggregation_runs_and_leaves_no_process(fedpriv, tmp_path):
     run_dir = tmp_path / "fed"
-    # The local training this test was measured with (the defaults before issue 14's main job, which
-    # needs 20 rounds to learn): 2 epochs of batch 64, lr 0.1, sigma 1.5, plain FedAvg.
-    previous_training = ["--strategy", "fedavg", "--local-epochs", "2", "--batch-size", "64", "--learning-rate", "0.1",
-                         "--noise-multiplier", "1.5"]
     result = fedpriv("federation", "--num-clients", "3", "--num-rounds", "2", "--secure-aggregation",
-                     *previous_training, "--run-dir", str(run_dir), timeout=600)
+                     *PREVIOUS_TRAINING_FLAGS, "--run-dir", str(run_dir), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]

@@ -8,14 +8,10 @@ import math
 import pytest
 
 from fedpriv.common.accounting import epsilon_for
+from tests.conftest import PREVIOUS_TRAINING_FLAGS
 
 pytestmark = pytest.mark.e2e
 
-# The previous main job's local training: these runs have 2-3 rounds, where today's defaults (tuned for
-# 20 full-batch rounds at sigma 5.2) have barely moved the model; the checks are about accounting and
-# that training works, not the defaults' accuracy.
-PREVIOUS_TRAINING = ["--strategy", "fedavg", "--local-epochs", "2", "--batch-size", "64", "--learning-rate", "0.1",
-                     "--noise-multiplier", "1.5"]
 CASES = {
     "cnn": ["--model", "cnn", "--dataset", "digits"],
     "rnn": ["--model", "rnn", "--dataset", "digits", "--learning-rate", "0.5"],
@@ -25,7 +21,7 @@ CASES = {
 
 def _simulate(fedpriv, run_dir, *args: str, timeout: float = 420):
     """Run ``fedpriv simulate ARGS --run-dir RUN_DIR``; it must succeed. Returns its result and report."""
-    result = fedpriv("simulate", *PREVIOUS_TRAINING, *args, "--run-dir", str(run_dir), timeout=timeout)
+    result = fedpriv("simulate", *PREVIOUS_TRAINING_FLAGS, *args, "--run-dir", str(run_dir), timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result, json.loads((run_dir / "report.json").read_text())
 

@@ -274,7 +274,7 @@ def markdown_table(recipes: list[Recipe], runs: list[Run]) -> str:
         mine = [r for r in runs if r.recipe == recipe.key]
         baseline = next((r for r in mine if not r.private), None)
         order = sorted(mine, key=lambda r: (r.target_epsilon != recipe.epsilon, r.without, -r.target_epsilon, r.repeat))
-        for i, run in enumerate(order):
+        for run in order:
             judged = run.private and not run.without
             group = [r for r in order if (r.target_epsilon, r.without) == (run.target_epsilon, run.without)]
             which = _which(recipe, run) + (f" (run {run.repeat})" if len(group) > 1 else "")

@@ -18,12 +18,10 @@ from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.server.app import build_server_app
 from fedpriv.simulations.inprocess_backend import run_inprocess
+from tests.conftest import PREVIOUS_TRAINING
 
 app = ClientApp()
-# The previous main job's local training (FedAvg, 2 epochs at batch 64, lr 0.1, sigma 1.5): the test's
-# "learnt from the honest two" check needs progress within 2 rounds; today's defaults are tuned for 20.
-CFG = RunConfig(num_clients=5, num_rounds=2, strategy="fedavg", local_epochs=2, batch_size=64, learning_rate=0.1,
-                noise_multiplier=1.5)
+CFG = RunConfig(num_clients=5, num_rounds=2, **PREVIOUS_TRAINING)  # "learnt from the honest two" within 2 rounds
 honest = None  # the honest ClientApp of the run, made in __main__ once its run folder is known
 
 
