@@ -20,6 +20,14 @@ charge of sampling and accounting. Layers covered: ``nn.Linear`` (and Opacus' ``
 ``DPGRU`` and ``DPLSTM`` call once per time step: the calls form the sequence axis), ``nn.Conv1d`` and
 ``nn.Conv2d`` with numeric zero padding. A model with any other trainable layer, or with weights
 shared between layers, is not supported (:func:`supports`); the caller picks an Opacus mode then.
+
+Augmentation multiplicity (``views`` > 1, client/augmentation.py): the batch holds ``views``
+consecutive rows per record, and a record's loss is the mean of its views' losses. Its gradient,
+the mean of its views' gradients, is clipped *as one*: every layer regroups a record's views as
+extra positions of one sample (a dense layer's ``(B*K, T, I)`` becomes ``(B, K*T, I)``; a
+convolution's patches and output gradients concatenate the views' positions; explicit per-view
+gradients are summed per record). The clipped sum therefore still moves by at most C per record,
+the sensitivity the accountant assumes; clipping each view alone would allow K*C.
 """
 
 from __future__ import annotations
@@ -81,11 +89,14 @@ class _Contribution:
 class BookkeepingClipper:
     """Forward hooks on ``model``'s layers plus the single-pass clipped backward."""
 
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Module, max_grad_norm: float, views: int = 1) -> None:
         self.layers, problems = _layers_and_problems(model)
         if problems:
             raise ValueError(f"book-keeping clipping does not support: {', '.join(problems)}")
+        if views < 1:
+            raise ValueError(f"views must be a positive integer (got {views})")
         self.max_grad_norm = float(max_grad_norm)
+        self.views = int(views)  # consecutive rows per record (augmentation multiplicity); 1 = off
         self.per_sample_norms: torch.Tensor | None = None  # of the last step, for tests and debugging
         self._calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
@@ -108,15 +119,24 @@ class BookkeepingClipper:
         self._calls.clear()
 
     def backward(self, loss_per_sample: torch.Tensor) -> None:
-        """Set every trainable ``p.grad`` to the sum over the batch of clipped per-sample gradients."""
+        """Set every trainable ``p.grad`` to the sum over the batch of clipped per-sample gradients.
+
+        ``loss_per_sample`` has one entry per record; with ``views`` > 1 the forward pass saw
+        ``views`` consecutive rows per record and each entry is the mean of its views' losses.
+        """
         calls, self._calls = self._calls, {}
         batch = loss_per_sample.shape[0]
         done: set[nn.Module] = set()
         if batch and calls:  # Poisson sampling may draw an empty batch: its clipped sum is zero
+            rows = {a.shape[0] for recs in calls.values() for a, _ in recs}
+            if rows != {batch * self.views}:
+                raise ValueError(f"book-keeping expected {self.views} rows per record for {batch} records, "
+                                 f"the layers saw {sorted(rows)}")
             outputs = [out for recs in calls.values() for _, out in recs]
             grads = iter(torch.autograd.grad(loss_per_sample.sum(), outputs, materialize_grads=True))
             with torch.no_grad():
-                parts = [(_conv if isinstance(m, _CONVS) else _linear)(m, [(a.detach(), next(grads)) for a, _ in recs])
+                parts = [(_conv if isinstance(m, _CONVS) else _linear)(m, [(a.detach(), next(grads)) for a, _ in recs],
+                                                                       self.views)
                          for m, recs in calls.items()]
                 norms = torch.stack([part.sq_norms for part in parts]).sum(0).sqrt()
                 coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)  # Opacus' clip factor
@@ -134,16 +154,18 @@ class BookkeepingClipper:
                         _set_grad(p, torch.zeros_like(p))
 
 
-def _linear(module: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> _Contribution:
+def _linear(module: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], views: int = 1) -> _Contribution:
     """A dense layer; its calls (time steps of an RNN) and any middle axes form the positions T.
+
+    With ``views`` rows per record, a record's views are further positions: (B*K, T, .) -> (B, K*T, .).
 
     Per-sample weight gradients are ``g_i^T a_i`` (T x O by T x I). The ghost norm
     ``<a_i a_i^T, g_i g_i^T>`` costs T^2 (I + O) per sample against I O for the explicit
     gradient (whose weighted sum is then nearly free, while the ghost route needs one I O T
     product for the sum): ghost wins when I O > T^2 (I + O), e.g. always at T = 1.
     """
-    a = _cat_positions([a for a, _ in calls])  # (B, T, I)
-    g = _cat_positions([g for _, g in calls])  # (B, T, O)
+    a = _group_views(_cat_positions([a for a, _ in calls]), views)  # (B, T, I)
+    g = _group_views(_cat_positions([g for _, g in calls]), views)  # (B, T, O)
     batch, positions, fan_in = a.shape
     fan_out = g.shape[2]
     weight, bias = module.weight, module.bias
@@ -179,33 +201,39 @@ def _sq_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(rows, rows, dim=1)
 
 
-def _conv(module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> _Contribution:
-    """A convolution: ghost norm or explicit per-sample weight gradients, by ``_conv_route``."""
+def _conv(module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], views: int = 1) -> _Contribution:
+    """A convolution: ghost norm or explicit per-sample weight gradients, by ``_conv_route``.
+
+    With ``views`` rows per record, the ghost norm runs over the positions of all of a record's
+    views, and explicit per-view gradients are summed per record.
+    """
     weight, bias = module.weight, module.bias
-    batch = calls[0][0].shape[0]
+    batch = calls[0][0].shape[0] // views
     sq = calls[0][0].new_zeros(batch)
     sums: list[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = []
     if weight.requires_grad:
-        route = _conv_route(module, calls[0][1])
-        if route == "ghost":  # <U U^T, G G^T> over all positions of all calls
-            patches = torch.cat([_unfold(module, a) for a, _ in calls], 2)  # (B, I, T)
-            grads = torch.cat([g.flatten(2) for _, g in calls], 2)  # (B, O, T)
+        route = _conv_route(module, calls[0][1], views)
+        if route == "ghost":  # <U U^T, G G^T> over all positions of all calls (and views)
+            patches = _views_as_positions(torch.cat([_unfold(module, a) for a, _ in calls], 2), views)  # (B, I, T)
+            grads = _views_as_positions(torch.cat([g.flatten(2) for _, g in calls], 2), views)  # (B, O, T)
             gram = torch.bmm(patches.transpose(1, 2), patches) * torch.bmm(grads.transpose(1, 2), grads)
             sq = sq + gram.sum((1, 2)).clamp(min=0)
-            sums.append(lambda c: (weight, _total(_conv_weight_grad(module, a, g * c.view(-1, *[1] * (g.dim() - 1)))
-                                                  for a, g in calls)))
+            sums.append(lambda c: (weight, _total(
+                _conv_weight_grad(module, a, g * c.repeat_interleave(views).view(-1, *[1] * (g.dim() - 1)))
+                for a, g in calls)))
         else:
-            psg = _total(_conv_per_sample_weight_grads(module, a, g, grouped=route == "grouped") for a, g in calls)
+            psg = _per_record(_total(_conv_per_sample_weight_grads(module, a, g, grouped=route == "grouped")
+                                     for a, g in calls), views)
             sq = sq + _sq_norms(psg)
             sums.append(lambda c: (weight, (c @ psg).view_as(weight)))
     if bias is not None and bias.requires_grad:
-        per_bias = _total(g.flatten(2).sum(2) for _, g in calls)  # (B, O)
+        per_bias = _per_record(_total(g.flatten(2).sum(2) for _, g in calls), views)  # (B, O)
         sq = sq + _sq_norms(per_bias)
         sums.append(lambda c: (bias, c @ per_bias))
     return _Contribution(sq, lambda c: [f(c) for f in sums])
 
 
-def _conv_route(module: nn.Module, g: torch.Tensor) -> str:
+def _conv_route(module: nn.Module, g: torch.Tensor, views: int = 1) -> str:
     """How to get a convolution's per-sample weight-gradient norms: ghost, unfold or grouped.
 
     With T output positions, I = in-channels x kernel size and O out-channels, explicit
@@ -221,7 +249,7 @@ def _conv_route(module: nn.Module, g: torch.Tensor) -> str:
     """
     fan_in = module.weight[0].numel()
     fan_out = module.weight.shape[0] // module.groups
-    positions = math.prod(g.shape[2:])
+    positions = math.prod(g.shape[2:]) * views  # a record's views are positions of the ghost norm
     if module.groups == 1 and positions * positions * (fan_in + fan_out) < 16 * fan_in * fan_out:
         return "ghost"
     if module.groups == 1 and fan_in * positions < GROUPED_MIN_PATCHES:
@@ -273,6 +301,24 @@ def _cat_positions(tensors: list[torch.Tensor]) -> torch.Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
 
 
+def _group_views(t: torch.Tensor, views: int) -> torch.Tensor:
+    """(B*K, T, F) rows, K consecutive per record -> (B, K*T, F): a record's views as positions."""
+    return t if views == 1 else t.reshape(t.shape[0] // views, views * t.shape[1], t.shape[2])
+
+
+def _views_as_positions(t: torch.Tensor, views: int) -> torch.Tensor:
+    """(B*K, F, T) -> (B, F, K*T): the channel-first form of :func:`_group_views`."""
+    if views == 1:
+        return t
+    rows, features, positions = t.shape
+    return t.reshape(rows // views, views, features, positions).transpose(1, 2).reshape(rows // views, features, -1)
+
+
+def _per_record(t: torch.Tensor, views: int) -> torch.Tensor:
+    """(B*K, N) per-view gradients -> (B, N) per-record sums."""
+    return t if views == 1 else t.reshape(t.shape[0] // views, views, -1).sum(1)
+
+
 def _set_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
     p.grad = grad  # computed under no_grad: no history to detach
 
@@ -303,7 +349,12 @@ class BookkeepingLoss:
         self.clipper, self.criterion = clipper, criterion
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> "BookkeepingTensor":
-        return BookkeepingTensor(self.clipper, per_sample_loss(self.criterion, output, target))
+        """One loss per record: with ``views`` rows per record, the mean of its views' losses."""
+        losses = per_sample_loss(self.criterion, output, target)
+        views = self.clipper.views
+        if losses.shape[0] % views:
+            raise ValueError(f"book-keeping expected {views} rows per record, got a batch of {losses.shape[0]} rows")
+        return BookkeepingTensor(self.clipper, losses if views == 1 else losses.view(-1, views).mean(1))
 
 
 class BookkeepingTensor:

@@ -21,6 +21,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedpriv.client.augmentation import augmented_views
 from fedpriv.client.batch_sampling import fixed_partition_loader
 from fedpriv.client.grad_sample_modes import make_private, resolve
 from fedpriv.common.config import RunConfig
@@ -55,30 +56,30 @@ class RoundResult:
 
 @dataclass(frozen=True)
 class RoundRandomness:
-    """Independent random streams of one round: batch sampling and DP noise.
+    """Independent random streams of one round: batch sampling, DP noise and augmentation.
 
-    The two must be independent: if the noise were drawn from the stream that chose the batches
-    (as one shared seed makes it), the released noisy gradient would tell which records were
-    sampled, and the amplification by sampling the accountant assumes would not hold. Each seed
-    is drawn separately from the OS' CSPRNG, never from the server's config.
+    Sampling and noise must be independent: if the noise were drawn from the stream that chose
+    the batches (as one shared seed makes it), the released noisy gradient would tell which
+    records were sampled, and the amplification by sampling the accountant assumes would not
+    hold. Augmented views (``--augment-views``) get a third stream, so they never shift the other
+    two. Each seed is drawn separately from the OS' CSPRNG, never from the server's config.
     """
 
     sampler: torch.Generator
     noise: torch.Generator
+    augment: torch.Generator
 
     @classmethod
     def from_os(cls) -> "RoundRandomness":
-        """Two seeds drawn separately from the OS' CSPRNG: what every real round uses."""
-        return cls(torch.Generator().manual_seed(secrets.randbits(63)),
-                   torch.Generator().manual_seed(secrets.randbits(63)))
+        """Seeds drawn separately from the OS' CSPRNG: what every real round uses."""
+        return cls(*(torch.Generator().manual_seed(secrets.randbits(63)) for _ in range(3)))
 
     @classmethod
     def seeded(cls, seed: int) -> "RoundRandomness":
-        """Reproducible streams for tests and benchmarks: two independent children of one seed
-        (NumPy's ``SeedSequence.spawn``), never the same seed for both."""
-        sampler, noise = (int(c.generate_state(1, np.uint64)[0] >> np.uint64(1))
-                          for c in np.random.SeedSequence(seed).spawn(2))
-        return cls(torch.Generator().manual_seed(sampler), torch.Generator().manual_seed(noise))
+        """Reproducible streams for tests and benchmarks: independent children of one seed
+        (NumPy's ``SeedSequence.spawn``), never the same seed for two."""
+        return cls(*(torch.Generator().manual_seed(int(c.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+                     for c in np.random.SeedSequence(seed).spawn(3)))
 
 
 def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunConfig,
@@ -87,7 +88,9 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
 
     ``cfg`` is the config this owner really runs (the owner's policy already applied). The result's
     ``mechanism`` is the accountant's history entry for what ran, and ``epsilon`` the cumulative
-    epsilon of ``prior_history`` plus that entry (``cfg.delta``, ``cfg.accountant``).
+    epsilon of ``prior_history`` plus that entry (``cfg.delta``, ``cfg.accountant``). With
+    ``cfg.augment_views`` > 1 every sampled record trains as that many augmented views whose
+    gradients are averaged before clipping (client/augmentation.py): the same mechanism.
     """
     rng = rng or RoundRandomness.from_os()
     targets = torch.from_numpy(x) if cfg.model == "autoencoder" else torch.from_numpy(y)  # AE reconstructs
@@ -111,6 +114,7 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
             mode=resolve(cfg.grad_sample_mode, cfg.model, model), noise_multiplier=cfg.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm, poisson_sampling=cfg.poisson_sampling, noise_generator=rng.noise,
             secure_mode=cfg.secure_mode,  # CSPRNG noise and Poisson sampling
+            views=cfg.augment_views,
         )
         train_model, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
     else:
@@ -122,6 +126,9 @@ def train_round(model: nn.Module, x: np.ndarray, y: np.ndarray | None, cfg: RunC
     for _ in range(cfg.local_epochs):
         for xb, yb in loader:
             # Poisson sampling can draw an empty batch; Opacus turns it into a noise-only step.
+            if cfg.augment_views > 1:  # record r's views are rows r*K .. r*K+K-1
+                xb = augmented_views(xb, cfg.augment_views, cfg.augment_shift, cfg.augment_flip, rng.augment)
+                yb = xb if cfg.model == "autoencoder" else yb.repeat_interleave(cfg.augment_views)
             loss = train_step(train_model, optimizer, criterion, xb, yb)
             steps += 1
             if global_params is not None:

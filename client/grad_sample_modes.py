@@ -190,7 +190,7 @@ class _ProjectEngine(PrivacyEngine):
 def make_private(engine: PrivacyEngine, *, model: nn.Module, optimizer: Optimizer, criterion: nn.Module,
                  loader: DataLoader, mode: str, noise_multiplier: float, max_grad_norm: float,
                  poisson_sampling: bool, noise_generator: torch.Generator | None = None,
-                 secure_mode: bool = False) -> PrivateTraining:
+                 secure_mode: bool = False, views: int = 1) -> PrivateTraining:
     """Opacus' ``make_private`` for a concrete ``mode``, including the book-keeping one.
 
     For ``bookkeeping`` Opacus still builds the Poisson loader, the noise-adding optimizer for
@@ -200,7 +200,13 @@ def make_private(engine: PrivacyEngine, *, model: nn.Module, optimizer: Optimize
     ``secure_mode``: noise and Poisson sampling from the OS' CSPRNG (client/secure_noise.py); the
     generator is then unused. ``engine`` contributes its accountant, which records the steps; the
     objects are built by :class:`_ProjectEngine`, which leaves Opacus untouched.
+    ``views`` > 1 (augmentation multiplicity, client/augmentation.py): each record arrives as that
+    many consecutive rows, clipped as one; only book-keeping groups them, so any other mode is
+    refused rather than clipping every view alone (K times the sensitivity).
     """
+    if views > 1 and mode != "bookkeeping":
+        raise ValueError(f"--augment-views {views} needs the bookkeeping grad-sample mode (got {mode}): "
+                         "Opacus' modes would clip each view as a record of its own")
     opacus_mode = "ghost" if mode == "bookkeeping" else mode
     if mode == "ghost":
         criterion = PerSampleCriterion(criterion)
@@ -215,7 +221,7 @@ def make_private(engine: PrivacyEngine, *, model: nn.Module, optimizer: Optimize
     if mode == "bookkeeping":
         opacus_hooks, dp_optimizer, _, dp_loader = wrapped
         opacus_hooks.cleanup()
-        clipper = BookkeepingClipper(model, max_grad_norm)
+        clipper = BookkeepingClipper(model, max_grad_norm, views)
         return PrivateTraining(model, dp_optimizer, BookkeepingLoss(clipper, criterion), dp_loader, mode,
                                clipper.remove)
     if mode == "ghost":

@@ -30,6 +30,7 @@ SIMULATION_BACKENDS = ("in-process", "ray")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
 RNN_CELLS = ("gru", "lstm")  # Opacus' DPGRU / DPLSTM (common/models.py)
 CNN_NORMS = ("none", "group")  # --cnn-norm (common/models.py)
+MAX_AUGMENT_VIEWS = 16  # --augment-views: each view is a forward and backward pass (client/augmentation.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class RunConfig:
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
     cnn_norm: str = field(default="none", metadata={"help": "CNN: none (the design card's) or group (GroupNorm after each convolution)."})
     ae_layers: int = field(default=1, metadata={"help": "Autoencoder hidden layers of 400 on each side of the bottleneck (1 = input-400-encoding-400-input)."})
+    augment_views: int = field(default=1, metadata={"help": "Augmentation multiplicity: random views of each sampled record whose gradients are averaged before clipping, so the record still counts once (1 = off; at most 16; sequences and images; bookkeeping mode)."})
+    augment_shift: int = field(default=1, metadata={"help": "Augmented views: largest random shift along each spatial axis, in steps or pixels."})
+    augment_flip: bool = field(default=False, metadata={"help": "Augmented views of images: random horizontal flips (not for digits or text-like images)."})
     round_timeout: float = field(default=600.0, metadata={"help": "Seconds the server waits for replies in a round before going on without the missing clients."})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per simulated client (controls parallelism)."})
     simulation_backend: str = field(default="in-process", metadata={"help": "fedpriv simulate's executor: in-process (ClientApps in threads, no start-up cost) or ray (process isolation, GPU scheduling)."})
@@ -163,6 +167,7 @@ class RunConfig:
         check_choice("rnn-cell", self.rnn_cell, RNN_CELLS)
         check_choice("cnn-norm", self.cnn_norm, CNN_NORMS)
         _positive_int("ae-layers", self.ae_layers)
+        self._check_augmentation()
         if self.mnist1d_samples < 100:
             raise ConfigError(f"--mnist1d-samples must be >= 100 (got {self.mnist1d_samples})")
         if self.min_clients > self.num_clients:
@@ -221,6 +226,21 @@ class RunConfig:
         self._check_aggregation()
         return self
 
+
+    def _check_augmentation(self) -> None:
+        """Augmented views: a bounded count, a sane shift, and a mode that clips a record's views as one."""
+        if not 1 <= self.augment_views <= MAX_AUGMENT_VIEWS:
+            raise ConfigError(f"--augment-views must be in 1..{MAX_AUGMENT_VIEWS}, 1 meaning off (got {self.augment_views})")
+        if not 0 <= self.augment_shift <= 8:
+            raise ConfigError(f"--augment-shift must be in 0..8 steps or pixels (got {self.augment_shift})")
+        if self.augment_views == 1:
+            return
+        if self.model == "mlp":
+            raise ConfigError("--augment-views shifts sequences and images; --model mlp trains on tables: use --augment-views 1")
+        if self.grad_sample_mode not in ("auto", "bookkeeping") or self.cnn_norm != "none":
+            raise ConfigError(
+                "--augment-views needs the bookkeeping grad-sample mode (auto picks it unless --cnn-norm group), which "
+                "clips a record's views as one; Opacus' modes would clip every view alone: drop the view count or the option")
 
     def server_lr(self) -> float:
         """The server optimiser's step size: ``--server-learning-rate``, or the strategy's default for 0."""

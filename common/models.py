@@ -140,8 +140,12 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset: str) -> None:
-    """Raise a one-line error when a dataset cannot feed a model family."""
+def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset: str, augment_views: int = 1) -> None:
+    """Raise a one-line error when a dataset cannot feed a model family (or be augmented, ``augment_views`` > 1)."""
+    if augment_views > 1 and len(input_shape) not in (2, 3):
+        raise UserInputError(
+            f"--augment-views shifts sequences (C, L) or images (C, H, W), but dataset '{dataset}' has records of "
+            f"shape {input_shape}; use --augment-views 1")
     if model in CLASSIFIERS and not labelled:
         raise UserInputError(
             (f"--model {model} needs labels but dataset '{dataset}' has none; set --label-column NAME or use --model autoencoder"

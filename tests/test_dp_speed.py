@@ -162,7 +162,7 @@ def test_bookkeeping_general_layers_match_naive(monkeypatch, route):
     """Each way of getting convolution norms is exact (ghost and unfold need groups == 1)."""
     if route != "auto":
         monkeypatch.setattr(bookkeeping, "_conv_route",
-                            lambda module, g: route if module.groups == 1 else "grouped")
+                            lambda module, g, views=1: route if module.groups == 1 else "grouped")
     torch.manual_seed(3)
     model, criterion = OddConvs(), nn.CrossEntropyLoss()
     x, y = torch.randn(5, 2, 9, 10), torch.randint(0, 3, (5,))
