@@ -53,6 +53,13 @@ def test_quick_options_shrink_the_run_but_keep_the_recipe():
     assert (quick.model, quick.learning_rate, quick.batch_size) == (full.model, full.learning_rate, full.batch_size)
 
 
+def test_epsilon_options_override_the_sweep_at_their_epsilon_only():
+    recipe = Recipe("c", "C", {"learning-rate": 3.0}, "accuracy", 8.0, sweep=(2.0, 4.0),
+                    sweep_options={"learning-rate": 2.0}, epsilon_options={2.0: {"learning-rate": 1.0}})
+    lrs = {e: run_options(recipe, e, quick=False).get("learning-rate") for e in (8.0, 4.0, 2.0)}
+    assert lrs == {8.0: 3.0, 4.0: 2.0, 2.0: 1.0}
+
+
 def test_plan_runs_main_and_non_private_first_then_the_sweep():
     recipe = RECIPES[0]
     recipe = Recipe("c", "C", {}, "accuracy", 8.0, sweep=(2.0, 4.0),
