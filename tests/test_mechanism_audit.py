@@ -72,7 +72,7 @@ def _lose_noise(monkeypatch):
 def _lose_clipping(monkeypatch):
     """The book-keeping clipper stops clipping (a bound far above any gradient)."""
     clipper = gsm.BookkeepingClipper
-    monkeypatch.setattr(gsm, "BookkeepingClipper", lambda model, max_grad_norm: clipper(model, 1e9))
+    monkeypatch.setattr(gsm, "BookkeepingClipper", lambda model, max_grad_norm, views=1: clipper(model, 1e9, views))
 
 
 @pytest.mark.parametrize("plant", [_lose_noise, _lose_clipping], ids=["noise", "clipping"])
