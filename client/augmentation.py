@@ -24,7 +24,6 @@ from torch.nn import functional as F
 from fedpriv.common.errors import UserInputError
 
 
-
 def augmented_views(x: torch.Tensor, views: int, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """``(B, C, *spatial)`` -> ``(B * views, C, *spatial)``, record-major: rows ``r*views .. r*views+views-1``
     are record ``r``'s views. Each view is shifted by an independent uniform offset in
