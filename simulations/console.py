@@ -13,6 +13,19 @@ from fedpriv.server.report import RunReport
 console = Console(stderr=False)
 
 
+def stop_and_join(progress: Progress, timeout_s: float = 2.0) -> None:
+    """Stop a live display and wait for rich's refresh thread to end.
+
+    ``Progress.stop`` only signals that thread; it exits up to one refresh period later. Waiting for it
+    keeps the contract of the displays below: once their ``with`` block ends, no thread of theirs runs,
+    so a second simulation in the same process forks its workers from one thread again.
+    """
+    thread = getattr(progress.live, "_refresh_thread", None)  # rich keeps no public handle on it
+    progress.stop()
+    if thread is not None:
+        thread.join(timeout_s)
+
+
 class RoundProgress:
     """One progress bar per round, filling as clients reply; implements ``RoundObserver``.
 
@@ -31,7 +44,7 @@ class RoundProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()  # a no-op when no round started
+        stop_and_join(self.progress)  # a no-op when no round started
 
     def round_started(self, server_round: int, num_rounds: int, num_clients: int) -> None:
         self.progress.start()  # a no-op after the first round
@@ -109,7 +122,7 @@ class ReportWatcher:
 
     def __exit__(self, *exc) -> None:
         self.tick()
-        self.progress.stop()
+        stop_and_join(self.progress)
 
     def tick(self) -> None:
         import json
