@@ -116,8 +116,13 @@ def _final_accuracy(cfg: RunConfig, poisoners: tuple[int, ...] = POISONERS) -> f
 def test_poisoned_federation_fedavg_degrades_and_robust_rules_hold_accuracy(tmp_path, task_identity):
     """3 of 15 clients send sign-flipped or scaled updates inside the norm bound. FedAvg loses the
     model (chance accuracy, 0.10); FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan (f = 3) keep
-    it near an unattacked FedAvg run's (measured: clean 0.85-0.90, robust rules 0.77-0.92 after 4
-    rounds). --no-dp: the attack, not DP noise, is what is measured."""
+    it near an unattacked FedAvg run's. --no-dp: the attack, not DP noise, is what is measured.
+
+    Measured over 40 runs each (this configuration, 4 rounds): clean FedAvg 0.81-0.93; FedMedian
+    0.83-0.92, FedTrimmedAvg 0.85-0.92, MultiKrum 0.79-0.92, Bulyan 0.88-0.93; Krum 0.61-0.88 (median
+    0.82) and once 0.574 in CI. Krum keeps a single client's update per round, so its accuracy spreads
+    like one client training alone, with a long lower tail; it is judged by the median of three runs
+    (a broken Krum that picks a poisoner sits at chance every run)."""
     def config(strategy: str, tag: str) -> RunConfig:
         # the previous main job's local training (batch 64, lr 0.1), which these measurements were made with
         return RunConfig(num_clients=CLIENTS, num_rounds=ROUNDS, local_epochs=4, dp=False, strategy=strategy,
@@ -126,9 +131,14 @@ def test_poisoned_federation_fedavg_degrades_and_robust_rules_hold_accuracy(tmp_
                          trimmed_beta=0.2, run_dir=str(tmp_path / tag)).validate()
 
     clean = _final_accuracy(config("fedavg", "clean"), poisoners=())
-    accuracy = {name: _final_accuracy(config(name, name)) for name in ("fedavg", *ROBUST_STRATEGIES)}
-    print(f"clean FedAvg {clean:.3f}; poisoned: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    accuracy = {name: _final_accuracy(config(name, name)) for name in ("fedavg", *ROBUST_STRATEGIES)
+                if name != "krum"}
+    krum_runs = sorted(_final_accuracy(config("krum", f"krum{i}")) for i in range(3))
+    print(f"clean FedAvg {clean:.3f}; poisoned: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+          + f", krum {krum_runs}")
     assert clean > 0.75
     assert accuracy["fedavg"] < 0.3
     for name in ROBUST_STRATEGIES:
-        assert accuracy[name] > 0.65 and clean - accuracy[name] < 0.25, (name, accuracy[name], clean)
+        if name != "krum":
+            assert accuracy[name] > 0.65 and clean - accuracy[name] < 0.25, (name, accuracy[name], clean)
+    assert krum_runs[1] > 0.6 and clean - krum_runs[1] < 0.3, ("krum", krum_runs, clean)
