@@ -27,6 +27,9 @@ from fedpriv.common.evaluation import task_loss
 from fedpriv.common.models import build_model, check_fit
 
 TOL = 1e-4
+# book-keeping's ghost norms are certified upper bounds: up to ~1e-4 relative above the true norm
+# (client/bookkeeping.py _ghost_sq_norms), so that float rounding can never let a record escape clipping
+NORM_RTOL = 2e-4
 CLIP = 0.5  # some records clipped, some not (averaged views have smaller gradients)
 VIEWS = 3
 FAMILIES = [  # (family, record shape, classes)
@@ -74,7 +77,7 @@ def test_bookkeeping_clips_a_records_views_as_one_record(family, shape, classes)
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
     assert clipper.per_sample_norms.shape == (5,)  # one norm per record, not per view
-    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=NORM_RTOL, atol=TOL)
     torch.testing.assert_close(got, ref_sum, rtol=0, atol=TOL)
 
 
@@ -88,7 +91,7 @@ def test_every_convolution_route_groups_views(monkeypatch, route):
     ref_norms, ref_sum = grouped_reference(model, criterion, views, targets, 4, CLIP)
     clipper = BookkeepingClipper(model, CLIP, views=4)
     BookkeepingLoss(clipper, criterion)(model(views), targets).backward()
-    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=NORM_RTOL, atol=TOL)
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), ref_sum, rtol=0, atol=TOL)
 
 

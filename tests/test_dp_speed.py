@@ -28,6 +28,9 @@ from fedpriv.common.evaluation import task_loss
 from fedpriv.common.models import build_model
 
 TOL = 1e-4
+# book-keeping's ghost norms are certified upper bounds: up to ~1e-4 relative above the true norm
+# (client/bookkeeping.py _ghost_sq_norms), so that float rounding can never let a record escape clipping
+NORM_RTOL = 2e-4
 CLIP = 0.7  # small enough that most samples are clipped, large enough that some are not
 
 # (family, input shape, classes): digits images, MNIST-1D sequences (shortened: speed does not matter here)
@@ -104,7 +107,7 @@ def test_modes_match_naive_per_sample_loop(family, shape, classes, mode):
 
     grad, norms = private_step_gradient(model, criterion, mode, x, y, expected_batch=6)
 
-    torch.testing.assert_close(norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(norms, ref_norms, rtol=NORM_RTOL, atol=TOL)
     torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
 
 
@@ -170,7 +173,7 @@ def test_bookkeeping_general_layers_match_naive(monkeypatch, route):
     clipper = BookkeepingClipper(model, CLIP)
     BookkeepingLoss(clipper, criterion)(model(x), y).backward()
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=NORM_RTOL, atol=TOL)
     torch.testing.assert_close(got, ref_sum, rtol=0, atol=TOL)
     assert model.frozen.weight.grad is None
 
@@ -187,7 +190,7 @@ def test_bookkeeping_sequence_linear_both_norm_routes(monkeypatch, ghost):
     clipper = BookkeepingClipper(model, CLIP)
     BookkeepingLoss(clipper, criterion)(model(x), y).backward()
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=0, atol=TOL)
+    torch.testing.assert_close(clipper.per_sample_norms, ref_norms, rtol=NORM_RTOL, atol=TOL)
     torch.testing.assert_close(got, ref_sum, rtol=0, atol=TOL)
 
 
