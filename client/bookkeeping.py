@@ -17,7 +17,7 @@ layer's *output* (autograd then skips every weight gradient), and per layer:
 A ghost norm is a sum of terms that cancel when a record's positions (steps, patches, views) push
 opposite ways; rounded in float32 it can then fall far below the true norm, and a server that
 chooses the weights can arrange that for honest records. So every ghost norm is replaced by a
-certified upper bound (:func:`_ghost_sq_norms`): no rounding lets a record move the clipped sum by
+certified upper bound (:func:`~fedpriv.client.ghost_norm.certified_ghost_sq_norms`): no rounding lets a record move the clipped sum by
 more than C, and honest records are clipped by a norm at most about 1e-4 (relative) too large.
 
 ``p.grad`` then holds the clipped sum, exact up to the rounding of its own product; Opacus' ``DPOptimizerFastGradientClipping`` adds the
@@ -45,6 +45,8 @@ from typing import Callable, Iterable
 import torch
 from opacus.layers.dp_rnn import RNNLinear
 from torch import nn
+
+from fedpriv.client.ghost_norm import certified_ghost_sq_norms
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _LAYERS = (nn.Linear, RNNLinear, *_CONVS)
@@ -186,7 +188,7 @@ def _linear(module: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], v
             sq = sq + _sq_norms(a1) * bias_sq
             sums.append(lambda c: (weight, torch.mm(per_bias.t() * c, a1)))
         elif ghost:
-            sq = sq + _ghost_sq_norms(a, g)
+            sq = sq + certified_ghost_sq_norms(a, g)
             sums.append(lambda c: (weight, (g * c.view(-1, 1, 1)).flatten(0, 1).t() @ a.flatten(0, 1)))
         else:  # explicit per-sample gradients
             psg = torch.bmm(g.transpose(1, 2), a).flatten(1)  # (B, O * I)
@@ -195,46 +197,6 @@ def _linear(module: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], v
     if bias is not None and bias.requires_grad:
         sums.append(lambda c: (bias, c @ per_bias))
     return _Contribution(sq, lambda c: [f(c) for f in sums])
-
-
-def _ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """An upper bound, tight up to rounding, on each record's squared weight-gradient norm
-    ``|sum_t g_t a_t^T|^2`` from its positions' inputs ``a`` (B, T, I) and output gradients ``g`` (B, T, O).
-
-    The ghost norm ``sum_st (a_s . a_t)(g_s . g_t)`` cancels when the positions' gradients do (views
-    or steps of one record pushing opposite ways), and in floating point a cancelled sum is rounding
-    noise that can lie far *below* the true norm: the record would escape clipping while the clipped
-    sum, a different product, carries its full gradient. A server chooses the weights, so it can make
-    honest records cancel like that (a review measured 2307 C per record on the CNN at two views).
-    Hence a certified bound: every term's rounding error is at most ``gamma * |a_s||a_t||g_s||g_t|``
-    (the standard bound for sums and dot products, whatever the summation order), so the true value is at most
-    ``gram + gamma * M`` with ``M = (sum_t |a_t||g_t|)^2``, and ``M`` itself bounds it (triangle
-    inequality) without any cancellation. Clipping by an upper bound keeps each record within C; an
-    honest record, whose terms do not cancel to rounding level, is clipped by a norm a relative
-    ``gamma * M / gram / 2`` too large: measured 1e-6 to 1e-4 on the project's models (well under 1e-3
-    wherever ``auto`` picks this route: few positions).
-    """
-    positions, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
-    unit = _unit_roundoff(a)
-    # two reductions of T terms each, not one of T^2: a term's rounding then passes through at most
-    # 2 (T - 1) additions whatever order PyTorch sums in, where one flat sum could take T^2 - 1
-    gram = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(2).sum(1).clamp(min=0)
-    # M, rounded up by its own rounding (norms of length I and O, T products, a sum, a square)
-    bound = (a.norm(dim=2) * g.norm(dim=2)).sum(1).square() * (1 + 2 * (fan_in + fan_out + 2 * positions + 8) * unit)
-    nu = (fan_in + fan_out + 2 * positions + 1) * unit  # dot products of length I and O, 2 T additions, a product
-    if nu >= 0.5:  # too coarse for the gram to tell anything: the cancellation-free bound alone
-        return bound
-    return torch.minimum(bound, gram + nu / (1 - nu) * bound)
-
-
-def _unit_roundoff(t: torch.Tensor) -> float:
-    """The rounding unit of ``t``'s matrix products: its dtype's, or bfloat16's when PyTorch may run
-    float32 matrix products in reduced precision (TF32 on CUDA, ``set_float32_matmul_precision``)."""
-    unit = torch.finfo(t.dtype).eps / 2
-    if t.dtype == torch.float32 and (torch.get_float32_matmul_precision() != "highest"
-                                     or (t.is_cuda and torch.backends.cuda.matmul.allow_tf32)):
-        unit = max(unit, torch.finfo(torch.bfloat16).eps / 2)
-    return unit
 
 
 def _ghost_is_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
@@ -262,7 +224,7 @@ def _conv(module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], vie
         if route == "ghost":  # <U U^T, G G^T> over all positions of all calls (and views)
             patches = _views_as_positions(torch.cat([_unfold(module, a) for a, _ in calls], 2), views)  # (B, I, T)
             grads = _views_as_positions(torch.cat([g.flatten(2) for _, g in calls], 2), views)  # (B, O, T)
-            sq = sq + _ghost_sq_norms(patches.transpose(1, 2), grads.transpose(1, 2))
+            sq = sq + certified_ghost_sq_norms(patches.transpose(1, 2), grads.transpose(1, 2))
             sums.append(lambda c: (weight, _total(
                 _conv_weight_grad(module, a, g * c.repeat_interleave(views).view(-1, *[1] * (g.dim() - 1)))
                 for a, g in calls)))

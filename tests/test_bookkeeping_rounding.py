@@ -1,4 +1,4 @@
-"""Book-keeping clipping under a malicious server: float rounding must never lift a record above C.
+"""Book-keeping clipping (and Opacus' ghost clipping) under a malicious server: float rounding must never lift a record above C.
 
 The ghost norm of a record's weight gradient, ``sum_st (a_s . a_t)(g_s . g_t)`` over its positions
 (a sequence's steps, a convolution's patches, augmentation views), cancels when the positions'
@@ -19,7 +19,11 @@ import torch
 from torch import nn
 
 from fedpriv.client.augmentation import augmented_views
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, _conv_route, _ghost_is_cheaper
+from fedpriv.client.grad_sample_modes import make_private
 from fedpriv.common.evaluation import task_loss
 from fedpriv.common.models import build_model
 
@@ -134,3 +138,29 @@ def test_honest_records_on_server_crafted_cnn_weights_each_move_the_sum_by_at_mo
         for p in model.parameters():
             p.grad = None
     assert worst <= C * (1 + TOLERANCE), f"a record moved the clipped sum by {worst:.4g} C"
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_opacus_ghost_mode_clips_a_sequence_record_whose_steps_cancel_to_c() -> None:
+    """``--grad-sample-mode ghost``: Opacus' dense-layer ghost norm has the same flaw (24,656 C here
+    before the project's certified norm sampler); through the project's make_private, zero noise."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256))
+    a = torch.randn(1, 1, 256, generator=gen) * 1e3
+    x = torch.cat([a, a + 1e-3 * torch.randn(1, 1, 256, generator=gen)], 1)  # one record, 2 steps
+    h1, h2 = _cancelling_targets(256, gen, 1e3)
+    weights = torch.stack([h1, h2]).unsqueeze(0)
+    loader = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)  # expected batch: 1 record
+    private = make_private(PrivacyEngine(accountant="rdp"), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           criterion=nn.MSELoss(), loader=loader, mode="ghost", noise_multiplier=0.0, max_grad_norm=C,
+                           poisson_sampling=True)
+    private.optimizer.zero_grad()
+    out = private.model(x)
+    target = out.detach() - weights * out[0].numel() / 2  # d MSE / d out = weights
+    private.criterion(out, target).backward()
+    assert private.optimizer.pre_step()
+    contribution = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())  # x expected batch 1
+    private.cleanup()
+    true = _true_norm(model, x, lambda m, v: (m(v) * weights.to(v.dtype)).sum())
+    assert true > 100 * C
+    assert contribution <= C * (1 + TOLERANCE)
