@@ -8,9 +8,13 @@ the server's message on faith. The split:
   can only be switched on by the server, never off), the budget.
 * **Chosen by the server, checked here**: the noise multiplier (at least the owner's minimum).
 * **Chosen by the server, safe by construction**: learning rate, momentum, local epochs, batch
-  size, clipping norm, model family and sizes, strategy. DP-SGD's guarantee does not depend on the
-  optimiser or the architecture (every trainable parameter's gradient is clipped per sample and
-  noised; the update is post-processing of those noisy gradients), and the epochs and batch size
+  size, clipping norm, model family and sizes, strategy, augmentation views (count, shift, flip),
+  and the model's weights. DP-SGD's guarantee does not depend on the optimiser, the architecture or
+  the weights (every trainable parameter's gradient is clipped per sample and noised; the update is
+  post-processing of those noisy gradients; a record's views are clipped as one record). Clipping
+  holds for any weights because no per-sample norm can read below the truth through rounding
+  (client/ghost_norm.py: weights a server chose to make a record's gradient cancel in float32
+  lifted it to 2307 C before), and the epochs and batch size
   only change how many steps run at which sample rate: the budget check computes the epsilon of
   exactly those steps *before* training, and the ledger is charged with what really ran *before*
   the update leaves.
