@@ -37,9 +37,12 @@ def certified_ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     unit = unit_roundoff(a)
     # two reductions of T terms each, not one of T^2: a term's rounding then passes through at most
     # 2 (T - 1) additions whatever order PyTorch sums in, where one flat sum could take T^2 - 1
-    gram = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(2).sum(1).clamp(min=0)
-    # M, rounded up by its own rounding (norms of length I and O, T products, a sum, a square)
-    bound = (a.norm(dim=2) * g.norm(dim=2)).sum(1).square() * (1 + 2 * (fan_in + fan_out + 2 * positions + 8) * unit)
+    aat, ggt = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+    gram = (aat * ggt).sum(2).sum(1).clamp(min=0)
+    # M from the Grams' diagonals (|a_t|^2, |g_t|^2: no extra pass over a and g), rounded up by its
+    # own rounding (dot products of length I and O, a square root, a sum of T, a square)
+    sq = (aat.diagonal(dim1=1, dim2=2) * ggt.diagonal(dim1=1, dim2=2)).clamp(min=0)
+    bound = sq.sqrt().sum(1).square() * (1 + 2 * (fan_in + fan_out + 2 * positions + 8) * unit)
     nu = (fan_in + fan_out + 2 * positions + 1) * unit  # dot products of length I and O, 2 T additions, a product
     if nu >= 0.5:  # too coarse for the gram to tell anything: the cancellation-free bound alone
         return bound
