@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpriv.client.owner_id import state_home
 from fedpriv.client.owner_policy import OwnerPolicy
 from fedpriv.client.privacy_mods import privacy_mods
 from fedpriv.common import wire
@@ -72,7 +72,7 @@ def _state_dir(context: Context, state_root: Path | None, client_id: str) -> Pat
         return Path(str(context.node_config[wire.NODE_STATE_DIR])).expanduser()
     if state_root is not None:
         return state_root / client_id
-    return Path(os.environ.get("FEDPRIV_STATE_HOME", "~/.local/state/fedpriv")).expanduser() / "owners" / client_id
+    return state_home() / "owners" / client_id
 
 
 def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy, state_root: Path | None = None) -> Message:
@@ -91,7 +91,9 @@ def train_for_owner(msg: Message, context: Context, policy: OwnerPolicy, state_r
     from fedpriv.client.local_data import local_data
 
     data = local_data(asked, dict(context.node_config))
-    privacy.update({"client_id": data.client_id, "fingerprint": data.fingerprint})
+    # the data's fingerprint stays in the local ledger: a hash of the records would let the server
+    # test a candidate dataset beside the DP noise (tests/test_reply_side_channels.py)
+    privacy["client_id"] = data.client_id
     state_dir = _state_dir(context, state_root, data.client_id)
     try:
         with locked_ledger(state_dir, data.client_id) as ledger:
@@ -150,13 +152,14 @@ def _train_locked(msg: Message, context: Context, policy: OwnerPolicy, asked: Ru
         wire.NUM_EXAMPLES: result.num_examples,
         wire.UNIT_WEIGHT: 1,
         wire.DECLINED: 0,
-        wire.TRAIN_LOSS: result.train_loss,
         wire.EPSILON: epsilon,
         wire.STEPS: steps,              # the accountant's entry (for fixed-partition sampling: one per epoch)
         wire.SAMPLE_RATE: rate,
         wire.NOISE_MULTIPLIER: noise,
         wire.OPTIMIZER_STEPS: result.steps,
     })
+    if not run.dp:  # a loss over the records, un-noised: only where no privacy is claimed
+        metrics[wire.TRAIN_LOSS] = result.train_loss
     content = RecordDict({wire.ARRAYS: ArrayRecord(result.state_dict), wire.METRICS: metrics,
                           wire.PRIVACY: record})
     return Message(content, reply_to=msg)

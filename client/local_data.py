@@ -12,6 +12,7 @@ from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import dataset_options, load_dataset, owner_records
 from fedpriv.common.partitioning import partition
+from fedpriv.client.owner_id import unnamed_owner_id
 from fedpriv.common.accounting import data_fingerprint
 from fedpriv.common.tabular import FILE_FORMATS, split_spec, standardise
 
@@ -76,7 +77,7 @@ def _cached(spec, seed, test_fraction, mnist1d_samples, method, alpha, per_clien
         x, y, num_classes = owner_records(spec, **options)
         x, y = np.ascontiguousarray(x), (None if y is None else np.ascontiguousarray(y))
         fingerprint = data_fingerprint(x, y)
-        return LocalData(name or f"owner-{fingerprint[:8]}", x, y, tuple(x.shape[1:]), num_classes, fingerprint)
+        return LocalData(name or unnamed_owner_id(fingerprint), x, y, tuple(x.shape[1:]), num_classes, fingerprint)
     data = load_dataset(spec, seed=seed, test_fraction=test_fraction, mnist1d_samples=mnist1d_samples, **options)
     idx = _partition_of(data, parts, method, seed, alpha, per_client)[pid]
     # A table's numeric columns are standardised with this client's own statistics, as its owner would
