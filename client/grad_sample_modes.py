@@ -10,7 +10,7 @@ to Opacus' hooks, which cover the most layer types.
 
 Opacus is left as it was (tests/test_opacus_untouched.py): the project's optimizers (book-keeping,
 CSPRNG secure mode) and its secure Poisson loader are built in place of Opacus' by a
-``PrivacyEngine`` subclass that overrides Opacus' factory methods, never by replacing Opacus'
+``PrivacyEngine`` subclass that overrides Opacus' two factory methods, never by replacing Opacus'
 functions or swapping an object's ``__class__`` after Opacus built it. Other code in the process
 that uses Opacus gets Opacus.
 """
@@ -24,7 +24,6 @@ from typing import Any, Callable
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.accountant import IAccountant
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
@@ -32,7 +31,6 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, per_sample_loss, supports
-from fedpriv.client.ghost_norm import certified_ghost_sq_norms, unit_roundoff
 from fedpriv.client.secure_noise import CSPRNG_OPTIMIZERS, CsprngDPOptimizerFastGradientClipping, csprng_poisson_loader
 from fedpriv.common.config import GRAD_SAMPLE_MODES
 
@@ -132,47 +130,12 @@ class PrivateTraining:
     cleanup: Callable[[], None]  # detaches hooks so the plain model can be wrapped again
 
 
-def certified_linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor],
-                                 backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Opacus' ``nn.Linear`` norm sampler for ghost clipping, with norms that cannot read low.
-
-    Opacus' own (``opacus.grad_sample.linear.compute_linear_norm_sample``) takes a sequence layer's
-    weight norm from the float32 ghost norm and its bias norm from ``sum_ij g_i . g_j``; both cancel
-    to rounding noise when a record's positions push opposite ways, which a server's weights can
-    arrange (tests/test_bookkeeping_rounding.py: one record moved Opacus' clipped sum by 24,656 C).
-    Here the weight norm is :func:`certified_ghost_sq_norms` and the bias norm comes from the
-    record's explicit bias gradient plus its rounding bound. Without a sequence axis Opacus'
-    formulas have nothing to cancel (``|a|^2 |g|^2``, ``|g|^2``) and are the same here.
-    """
-    a = activations[0].to(backprops.dtype)
-    a = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, T, I); T = 1 without a sequence axis
-    g = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])  # (B, T, O)
-    norms: dict[nn.Parameter, torch.Tensor] = {}
-    if layer.weight.requires_grad:
-        norms[layer.weight] = certified_ghost_sq_norms(a, g).sqrt()
-    if layer.bias is not None and layer.bias.requires_grad:
-        per_bias = g.sum(1)  # (B, O); each entry's rounding is at most gamma_T * sum_t |g_t|
-        slack = g.shape[1] * unit_roundoff(g) * 1.01 * g.norm(dim=2).sum(1)
-        norms[layer.bias] = per_bias.norm(dim=1) * (1 + 4 * g.shape[2] * unit_roundoff(g)) + slack
-    return norms
-
-
-class CertifiedGhostClipping(GradSampleModuleFastGradientClipping):
-    """Opacus' ghost clipping (``--grad-sample-mode ghost``) with :func:`certified_linear_norm_sample`.
-
-    A subclass whose class-level ``NORM_SAMPLERS`` (the registry Opacus' hooks look layers up in)
-    holds the certified dense-layer sampler; Opacus' own registry and class are untouched.
-    """
-
-    NORM_SAMPLERS = {**GradSampleModuleFastGradientClipping.NORM_SAMPLERS, nn.Linear: certified_linear_norm_sample}
-
-
 class _ProjectEngine(PrivacyEngine):
     """Opacus' ``PrivacyEngine`` building the project's optimizer and, in secure mode, Poisson loader.
 
     Opacus' ``make_private`` takes neither an optimizer class (``_prepare_optimizer`` picks one
     with ``get_optimizer_class``) nor a batch sampler (``DPDataLoader`` creates its own). This
-    subclass overrides just those factory methods (and the ghost model's), for its own instances: validation, the
+    subclass overrides just those two factory methods, for its own instances: validation, the
     model's hooks, the expected batch size, the accountant's step hook and ghost clipping's
     criterion (which holds the optimizer) stay Opacus' ``make_private``, unchanged.
 
@@ -182,8 +145,6 @@ class _ProjectEngine(PrivacyEngine):
       own secure mode needs torchcsprng, so Opacus' ``secure_mode`` stays off), and then no
       generator, as in Opacus' secure mode.
     * A Poisson loader in secure mode is ``csprng_poisson_loader``; otherwise Opacus' own.
-    * Ghost mode's model is :class:`CertifiedGhostClipping` (``_prepare_model``), whose dense-layer
-      norms float rounding cannot push below the truth.
 
     Its accountant is the caller's engine's, so the steps are recorded where they were before.
     """
@@ -213,16 +174,6 @@ class _ProjectEngine(PrivacyEngine):
             expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
             generator=None if self.csprng else noise_generator, secure_mode=self.csprng, **kwargs,
         )
-
-    def _prepare_model(self, module: nn.Module, *, batch_first: bool = True, max_grad_norm: float = 1.0,
-                       loss_reduction: str = "mean", grad_sample_mode: str = "hooks", wrap_model: bool = True):
-        if grad_sample_mode == "ghost" and wrap_model and not isinstance(module, GradSampleModuleFastGradientClipping):
-            self.validate(module=module, optimizer=None, data_loader=None)  # as Opacus' _prepare_model
-            return CertifiedGhostClipping(module, batch_first=batch_first, loss_reduction=loss_reduction,
-                                          max_grad_norm=max_grad_norm)
-        return super()._prepare_model(module, batch_first=batch_first, max_grad_norm=max_grad_norm,
-                                      loss_reduction=loss_reduction, grad_sample_mode=grad_sample_mode,
-                                      wrap_model=wrap_model)
 
     def _prepare_data_loader(self, data_loader: DataLoader, *, poisson_sampling: bool, distributed: bool,
                              batch_first: bool = True, rand_on_empty: bool = False) -> DataLoader:

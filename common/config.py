@@ -77,7 +77,7 @@ class RunConfig:
     delta: float = field(default=1e-5, metadata={"help": "Target delta of (epsilon, delta)-DP."})
     accountant: str = field(default="rdp", metadata={"help": "Privacy accountant: rdp (upper bound), prv (tight numerical estimate) or gdp (CLT approximation: can underestimate epsilon, badly for few steps or little noise)."})
     poisson_sampling: bool = field(default=True, metadata={"help": "Poisson batch sampling (needed for the amplification the accountant assumes)."})
-    grad_sample_mode: str = field(default="auto", metadata={"help": "Per-sample gradient mode: auto (fastest exact one for the model), hooks, functorch, ew, ghost (Opacus) or bookkeeping (single-pass exact clipping)."})
+    grad_sample_mode: str = field(default="auto", metadata={"help": "Per-sample gradient mode: auto (fastest exact one for the model), hooks, functorch, ew, ghost (Opacus; without DP only: its two backward passes let a server's weights lift a record above the clipping norm) or bookkeeping (single-pass exact clipping)."})
     secure_mode: bool = field(default=False, metadata={"help": "Noise from the OS CSPRNG (slower): local DP-SGD with Opacus' secure-mode recipe, and central DP."})
     secure_aggregation: bool = field(default=False, metadata={"help": "Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' updates."})
     secagg_shares: int = field(default=0, metadata={"help": "SecAgg+ shares per client key (0 = every client sampled in the round)."})
@@ -155,6 +155,11 @@ class RunConfig:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("accountant", self.accountant, ACCOUNTANTS)
         check_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if self.dp and self.grad_sample_mode == "ghost":
+            raise ConfigError(
+                "--grad-sample-mode ghost is not offered for DP training: Opacus' ghost clipping takes the per-sample "
+                "norms from one backward pass and the clipped sum from a second, and weights a server chooses can make "
+                "them disagree so that a record escapes clipping; use auto (book-keeping: one pass) or hooks")
         _positive_int("num-clients", self.num_clients)
         _positive_int("num-rounds", self.num_rounds)
         _positive_int("local-epochs", self.local_epochs)

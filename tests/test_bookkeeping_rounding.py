@@ -1,4 +1,4 @@
-"""Book-keeping clipping (and Opacus' ghost clipping) under a malicious server: float rounding must never lift a record above C.
+"""Book-keeping clipping under a malicious server (and why Opacus' ghost clipping is refused): float rounding must never lift a record above C.
 
 The ghost norm of a record's weight gradient, ``sum_st (a_s . a_t)(g_s . g_t)`` over its positions
 (a sequence's steps, a convolution's patches, augmentation views), cancels when the positions'
@@ -13,17 +13,18 @@ clipper on that record alone.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from fedpriv.client.augmentation import augmented_views
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
-
 from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, _conv_route, _ghost_is_cheaper
-from fedpriv.client.grad_sample_modes import make_private
+from fedpriv.common import wire
+from fedpriv.common.config import RunConfig
+from fedpriv.common.errors import ConfigError
 from fedpriv.common.evaluation import task_loss
 from fedpriv.common.models import build_model
 
@@ -140,27 +141,23 @@ def test_honest_records_on_server_crafted_cnn_weights_each_move_the_sum_by_at_mo
     assert worst <= C * (1 + TOLERANCE), f"a record moved the clipped sum by {worst:.4g} C"
 
 
-@pytest.mark.filterwarnings("ignore:Full backward hook")
-def test_opacus_ghost_mode_clips_a_sequence_record_whose_steps_cancel_to_c() -> None:
-    """``--grad-sample-mode ghost``: Opacus' dense-layer ghost norm has the same flaw (24,656 C here
-    before the project's certified norm sampler); through the project's make_private, zero noise."""
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 256))
-    a = torch.randn(1, 1, 256, generator=gen) * 1e3
-    x = torch.cat([a, a + 1e-3 * torch.randn(1, 1, 256, generator=gen)], 1)  # one record, 2 steps
-    h1, h2 = _cancelling_targets(256, gen, 1e3)
-    weights = torch.stack([h1, h2]).unsqueeze(0)
-    loader = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)  # expected batch: 1 record
-    private = make_private(PrivacyEngine(accountant="rdp"), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                           criterion=nn.MSELoss(), loader=loader, mode="ghost", noise_multiplier=0.0, max_grad_norm=C,
-                           poisson_sampling=True)
-    private.optimizer.zero_grad()
-    out = private.model(x)
-    target = out.detach() - weights * out[0].numel() / 2  # d MSE / d out = weights
-    private.criterion(out, target).backward()
-    assert private.optimizer.pre_step()
-    contribution = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())  # x expected batch 1
-    private.cleanup()
-    true = _true_norm(model, x, lambda m, v: (m(v) * weights.to(v.dtype)).sum())
-    assert true > 100 * C
-    assert contribution <= C * (1 + TOLERANCE)
+def test_dp_training_refuses_opacus_ghost_mode_whose_two_passes_a_server_can_split() -> None:
+    """Opacus' ghost clipping takes the norms from one backward pass and the clipped sum from a second;
+    rounding can differ between them (a reviewer's crafted CNN: honest records up to 2.6e13 C), which no
+    norm sampler can fix. So neither a user nor a server can ask for it with DP: the owner's client
+    validates the server's config and declines (tests/test_owner_policy.py's decline path)."""
+    with pytest.raises(ConfigError, match="ghost is not offered for DP training"):
+        RunConfig(grad_sample_mode="ghost").validate()
+    RunConfig(grad_sample_mode="ghost", dp=False).validate()  # nothing to protect without DP
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_owner_declines_a_server_that_asks_for_ghost_clipping(tmp_path) -> None:
+    from test_owner_policy import ROUND, Owner
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "records.npz"
+    np.savez(data, x=rng.normal(size=(200, 1, 8, 8)).astype(np.float32), y=np.arange(200) % 10)
+    reply = Owner(data, tmp_path / "state").round(replace(ROUND, grad_sample_mode="ghost"))
+    assert wire.ARRAYS not in reply.content.array_records
+    assert "ghost is not offered for DP training" in str(reply.content[wire.PRIVACY]["decline-reason"])
