@@ -126,6 +126,9 @@ class BookkeepingClipper:
         """Forget the activations of a forward pass that will not be back-propagated."""
         self._calls.clear()
 
+    def _parts(self, layer_calls: dict) -> list[_Contribution]:
+        return [(_conv if isinstance(m, _CONVS) else _linear)(m, recs, self.views) for m, recs in layer_calls.items()]
+
     def backward(self, loss_per_sample: torch.Tensor) -> None:
         """Set every trainable ``p.grad`` to the sum over the batch of clipped per-sample gradients.
 
@@ -143,11 +146,15 @@ class BookkeepingClipper:
             outputs = [out for recs in calls.values() for _, out in recs]
             grads = iter(torch.autograd.grad(loss_per_sample.sum(), outputs, materialize_grads=True))
             with torch.no_grad():
-                parts = [(_conv if isinstance(m, _CONVS) else _linear)(m, [(a.detach(), next(grads)) for a, _ in recs],
-                                                                       self.views)
-                         for m, recs in calls.items()]
+                layer_calls = {m: [(a.detach(), next(grads)) for a, _ in recs] for m, recs in calls.items()}
+                parts = self._parts(layer_calls)
                 norms = torch.stack([part.sq_norms for part in parts]).sum(0).sqrt()
+                finite = torch.isfinite(norms)
+                if not finite.all():  # such records add zero: see _without
+                    parts = self._parts(_without(layer_calls, ~finite, self.views))
+                    norms = torch.where(finite, torch.stack([part.sq_norms for part in parts]).sum(0).sqrt(), norms)
                 coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)  # Opacus' clip factor
+                coef = torch.where(finite, coef, torch.zeros_like(coef))
                 for part in parts:
                     for param, grad in part.clipped_sums(coef):
                         _set_grad(param, grad)
@@ -160,6 +167,22 @@ class BookkeepingClipper:
                 for p in module.parameters(recurse=False):
                     if p.requires_grad:
                         _set_grad(p, torch.zeros_like(p))
+
+
+def _without(layer_calls: dict, dropped: torch.Tensor, views: int) -> dict:
+    """The same calls with the ``dropped`` records' rows (inputs and output gradients) set to zero.
+
+    A record whose norm is not finite (weights that overflow its activations, or an inf times a zero
+    output gradient) would otherwise turn its clip factor, and with it the whole step's sum, into
+    NaN: the update would be dropped by the server, which would so learn that such a record was
+    sampled -- a bit the DP noise does not cover. Zeroed, it adds exactly nothing (well within C),
+    and the other records' sums stay what they are.
+    """
+    rows = dropped.repeat_interleave(views)
+
+    def zero(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows.view(-1, *[1] * (t.dim() - 1)), torch.zeros_like(t), t)
+    return {m: [(zero(a), zero(g)) for a, g in recs] for m, recs in layer_calls.items()}
 
 
 def _linear(module: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], views: int = 1) -> _Contribution:

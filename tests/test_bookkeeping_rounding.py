@@ -161,3 +161,30 @@ def test_an_owner_declines_a_server_that_asks_for_ghost_clipping(tmp_path) -> No
     reply = Owner(data, tmp_path / "state").round(replace(ROUND, grad_sample_mode="ghost"))
     assert wire.ARRAYS not in reply.content.array_records
     assert "ghost is not offered for DP training" in str(reply.content[wire.PRIVACY]["decline-reason"])
+
+
+def _one_batch_sum(layer: nn.Module, inputs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, BookkeepingClipper]:
+    clipper = BookkeepingClipper(layer, C)
+    clipper.backward((layer(inputs) * weights).sum(tuple(range(1, inputs.dim()))))
+    grads = torch.cat([p.grad.flatten() for p in layer.parameters()])
+    clipper.remove()
+    return grads, clipper
+
+
+@pytest.mark.parametrize("positions", [1, 2], ids=["exact route", "ghost route"])
+def test_a_record_whose_norm_overflows_adds_zero_not_nan_to_the_batch(positions: int) -> None:
+    """Weights that blow one record's activations up (1e20: |a|^2 overflows to inf) against a zero
+    output gradient made its norm inf * 0 = NaN, and with it the whole step's sum: the update turns
+    NaN, the server drops it (server/update_validation.py), and so learns that such a record was
+    sampled -- a bit the noise does not cover. Such a record must contribute exactly zero instead,
+    and the other records of the batch their usual clipped gradients."""
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(256, 256)
+    honest = torch.randn(3, positions, 256, generator=gen)
+    inputs = torch.cat([torch.full((1, positions, 256), 1e20), honest]).squeeze(1)
+    weights = torch.cat([torch.zeros(1, positions, 256), torch.randn(3, positions, 256, generator=gen)]).squeeze(1)
+    together, clipper = _one_batch_sum(layer, inputs, weights)
+    assert torch.isfinite(together).all()
+    assert not torch.isfinite(clipper.per_sample_norms[0])  # reported as what it is
+    alone, _ = _one_batch_sum(layer, inputs[1:], weights[1:])
+    torch.testing.assert_close(together, alone)
