@@ -15,7 +15,8 @@ reference the project's subclasses are checked against. So:
 
 * :class:`CsprngDPOptimizer` and :class:`CsprngDPOptimizerFastGradientClipping` are Opacus' two
   optimizer families with ``add_noise`` overridden: with ``secure_mode=True`` they draw the noise
-  here; otherwise they are Opacus' own, draw for draw. :data:`CSPRNG_OPTIMIZERS` maps Opacus' class
+  here; otherwise they are Opacus' own, draw for draw (the first also lets a record with a
+  non-finite gradient norm add zero instead of NaN). :data:`CSPRNG_OPTIMIZERS` maps Opacus' class
   to the project's; ``client.grad_sample_modes.make_private`` builds them.
 * :class:`CsprngPoissonSampler` is Opacus' Poisson sampler with CSPRNG coin flips, and
   :func:`csprng_poisson_loader` the Poisson loader built around it (Opacus' ``DPDataLoader``
@@ -72,7 +73,23 @@ class CsprngNoise:
 
 
 class CsprngDPOptimizer(CsprngNoise, DPOptimizer):
-    """Opacus' ``DPOptimizer`` (hooks, functorch, ew) whose secure mode draws from the OS' CSPRNG."""
+    """Opacus' ``DPOptimizer`` (hooks, functorch, ew) whose secure mode draws from the OS' CSPRNG.
+
+    Also: a record whose per-sample gradient norm is not finite (weights a server chose to overflow
+    its activations) adds zero. Opacus would turn its clip factor, and the whole step, into NaN; the
+    server drops a NaN update and so learns that such a record was sampled, a bit the noise does not
+    cover (the book-keeping engine does the same: client/bookkeeping.py ``_without``).
+    """
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples  # one step's per-sample gradients: the tensors Opacus reads next
+        if len(samples[0]):
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+            dropped = ~torch.isfinite(norms)
+            if dropped.any():
+                for g in samples:
+                    g[dropped] = 0
+        super().clip_and_accumulate()
 
 
 class CsprngDPOptimizerFastGradientClipping(CsprngNoise, DPOptimizerFastGradientClipping):

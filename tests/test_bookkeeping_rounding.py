@@ -21,10 +21,14 @@ import torch
 from torch import nn
 
 from fedpriv.client.augmentation import augmented_views
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedpriv.client.bookkeeping import BookkeepingClipper, BookkeepingLoss, _conv_route, _ghost_is_cheaper
 from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.errors import ConfigError
+from fedpriv.client.grad_sample_modes import make_private
 from fedpriv.common.evaluation import task_loss
 from fedpriv.common.models import build_model
 
@@ -188,3 +192,31 @@ def test_a_record_whose_norm_overflows_adds_zero_not_nan_to_the_batch(positions:
     assert not torch.isfinite(clipper.per_sample_norms[0])  # reported as what it is
     alone, _ = _one_batch_sum(layer, inputs[1:], weights[1:])
     torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_opacus_modes_also_let_an_overflowing_record_add_zero_not_nan(mode: str) -> None:
+    """An overflow through Opacus' per-sample-gradient modes (the project's DPOptimizer, zero noise): a
+    record whose per-sample gradient is inf gets clip factor C / inf = 0, and 0 * inf = NaN."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.full((1, 16), 1e20), torch.randn(3, 16, generator=gen)])
+    w = torch.cat([torch.full((1, 4), 1e20), torch.randn(3, 4, generator=gen)])  # its gradient: 1e40 = inf
+
+    def step(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 4))
+        loader = DataLoader(TensorDataset(torch.zeros(len(inputs), 1)), batch_size=len(inputs))
+        private = make_private(PrivacyEngine(accountant="rdp"), model=model,
+                               optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.MSELoss(),
+                               loader=loader, mode=mode, noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=True)
+        private.optimizer.zero_grad()
+        out = private.model(inputs)
+        private.criterion(out, out.detach() - weights * out.numel() / 2).backward()  # d loss / d out = weights
+        assert private.optimizer.pre_step()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()]) * len(inputs)
+        private.cleanup()
+        return grads
+
+    together = step(x, w)
+    assert torch.isfinite(together).all()
+    torch.testing.assert_close(together * 1, step(x[1:], w[1:]) * 1, rtol=1e-4, atol=1e-5)
