@@ -148,13 +148,12 @@ class BookkeepingClipper:
             with torch.no_grad():
                 layer_calls = {m: [(a.detach(), next(grads)) for a, _ in recs] for m, recs in calls.items()}
                 parts = self._parts(layer_calls)
-                norms = torch.stack([part.sq_norms for part in parts]).sum(0).sqrt()
+                norms = clip_norms = torch.stack([part.sq_norms for part in parts]).sum(0).sqrt()
                 finite = torch.isfinite(norms)
-                if not finite.all():  # such records add zero: see _without
+                if not finite.all():  # such records add zero (their rows zeroed: norm 0): see _without
                     parts = self._parts(_without(layer_calls, ~finite, self.views))
-                    norms = torch.where(finite, torch.stack([part.sq_norms for part in parts]).sum(0).sqrt(), norms)
-                coef = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)  # Opacus' clip factor
-                coef = torch.where(finite, coef, torch.zeros_like(coef))
+                    clip_norms = torch.stack([part.sq_norms for part in parts]).sum(0).sqrt()
+                coef = (self.max_grad_norm / (clip_norms + CLIP_EPS)).clamp(max=1.0)  # Opacus' clip factor
                 for part in parts:
                     for param, grad in part.clipped_sums(coef):
                         _set_grad(param, grad)

@@ -6,9 +6,10 @@ cancel whenever a record's positions (an RNN's steps, a convolution's patches, a
 push opposite ways, and a cancelled float32 sum is rounding noise that may lie far below the true
 value. Under local DP the server picks the weights, so it can make honest records cancel like that;
 a record whose norm reads low escapes clipping while the clipped sum, computed by another product,
-carries its whole gradient. Both users of ghost norms here -- the book-keeping engine
-(client/bookkeeping.py) and Opacus' ghost clipping (client/grad_sample_modes.py) -- clip by the
-certified upper bound below instead.
+carries its whole gradient. The book-keeping engine (client/bookkeeping.py), the one user of ghost
+norms in DP training here, clips by the certified upper bound below instead. (Opacus' ghost clipping
+is refused with DP, common/config.py: it takes its norms and its clipped sum from two different
+backward passes, a gap no norm formula closes.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def certified_ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     wherever ``auto`` picks this route: few positions).
     """
     positions, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
-    unit = unit_roundoff(a)
+    unit = _unit_roundoff(a)
     # two reductions of T terms each, not one of T^2: a term's rounding then passes through at most
     # 2 (T - 1) additions whatever order PyTorch sums in, where one flat sum could take T^2 - 1
     aat, ggt = torch.bmm(a, a.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
@@ -49,7 +50,7 @@ def certified_ghost_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.minimum(bound, gram + nu / (1 - nu) * bound)
 
 
-def unit_roundoff(t: torch.Tensor) -> float:
+def _unit_roundoff(t: torch.Tensor) -> float:
     """The rounding unit of ``t``'s matrix products: its dtype's, or bfloat16's when PyTorch may run
     float32 matrix products in reduced precision (TF32 on CUDA, ``set_float32_matmul_precision``)."""
     unit = torch.finfo(t.dtype).eps / 2

@@ -8,11 +8,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from fedpriv.client.owner_id import unnamed_owner_id
 from fedpriv.common import wire
 from fedpriv.common.config import RunConfig
 from fedpriv.common.datasets import dataset_options, load_dataset, owner_records
 from fedpriv.common.partitioning import partition
-from fedpriv.client.owner_id import unnamed_owner_id
 from fedpriv.common.accounting import data_fingerprint
 from fedpriv.common.tabular import FILE_FORMATS, split_spec, standardise
 
