@@ -30,6 +30,7 @@ SIMULATION_BACKENDS = ("in-process", "ray")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
 RNN_CELLS = ("gru", "lstm")  # Opacus' DPGRU / DPLSTM (common/models.py)
 CNN_NORMS = ("none", "group")  # --cnn-norm (common/models.py)
+CNN_ARCHS = ("compact", "card")  # --cnn-arch (common/models.py): one conv block, or the design card's two + FC 128
 MAX_AUGMENT_VIEWS = 16  # --augment-views: each view is a forward and backward pass (client/augmentation.py)
 
 
@@ -94,6 +95,7 @@ class RunConfig:
     rnn_layers: int = field(default=1, metadata={"help": "RNN recurrent layers."})
     rnn_cell: str = field(default="gru", metadata={"help": "RNN cell: gru (Opacus DPGRU) or lstm (Opacus DPLSTM, the design card's)."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
+    cnn_arch: str = field(default="compact", metadata={"help": "CNN: compact (one conv block of 32 feeding the class layer: the most accurate under DP on small data) or card (the design card's two conv blocks, 32 and 64, and FC 128)."})
     cnn_norm: str = field(default="none", metadata={"help": "CNN: none (the design card's) or group (GroupNorm after each convolution)."})
     ae_layers: int = field(default=1, metadata={"help": "Autoencoder hidden layers of 400 on each side of the bottleneck (1 = input-400-encoding-400-input)."})
     augment_views: int = field(default=1, metadata={"help": "Augmentation multiplicity: random views of each sampled record whose gradients are averaged before clipping, so the record still counts once (1 = off; at most 16; sequences and images; bookkeeping mode)."})
@@ -171,6 +173,7 @@ class RunConfig:
         _positive_int("encoding-dim", self.encoding_dim)
         check_choice("rnn-cell", self.rnn_cell, RNN_CELLS)
         check_choice("cnn-norm", self.cnn_norm, CNN_NORMS)
+        check_choice("cnn-arch", self.cnn_arch, CNN_ARCHS)
         _positive_int("ae-layers", self.ae_layers)
         self._check_augmentation()
         if self.mnist1d_samples < 100:

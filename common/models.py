@@ -17,7 +17,7 @@ import torch
 from opacus.layers import DPGRU, DPLSTM
 from torch import nn
 
-from fedpriv.common.config import CNN_NORMS  # --cnn-norm
+from fedpriv.common.config import CNN_ARCHS, CNN_NORMS  # --cnn-arch, --cnn-norm
 from fedpriv.common.errors import UserInputError
 
 CLASSIFIERS = ("cnn", "rnn", "mlp")
@@ -25,22 +25,32 @@ MLP_WIDTHS = (128, 64)  # the tabular classifier's hidden layers
 RNN_CELLS = {"gru": DPGRU, "lstm": DPLSTM}  # --rnn-cell: Opacus' DP-ready recurrent layers
 AE_WIDTH = 400  # the autoencoder's hidden width (input -> 400 -> encoding -> 400 -> input)
 SEQUENCE_CHUNK = 8  # 1-D sequences: time steps per GRU step (see SequenceClassifier)
+COMPACT_CHANNELS = 32  # --cnn-arch compact: the card's first block (64 filters: 0.892 against 0.897 over 12 runs each)
 CNN_GROUPS = 8  # GroupNorm groups per conv layer (32 and 64 channels: 4 and 8 per group)
 
 
 class ConvNet(nn.Module):
-    """Two conv blocks and two dense layers, 1-D or 2-D by the input's rank.
+    """Convolution blocks and dense layers, 1-D or 2-D by the input's rank.
+
+    ``arch="card"`` (``--cnn-arch card``) is the design card's CNN: two 3x3 conv blocks (32, 64
+    channels, ReLU, 2x2 max-pool), FC 128, class layer (53,002 weights on 8x8 digits).
+    ``arch="compact"``, the default, is that network's first block feeding the class layer straight
+    away (5,450 weights on digits). Why it is the default: under local DP every owner adds noise of
+    the same size to each of the model's weights, and at the main job's 143 records per owner the
+    card's 53,002 weights drown the averaged clipped gradient in that noise (accuracy 0.79 at
+    epsilon 4, against 0.91 for the compact CNN; README "The main job").
 
     ``norm="group"`` (``--cnn-norm group``) puts a GroupNorm after each convolution, before its ReLU:
     the normalisation DP-SGD can use (BatchNorm mixes the records of a batch, so per-sample
-    gradients would not exist; GroupNorm is per record). ``"none"`` is the design card's CNN with
-    its original parameter names.
+    gradients would not exist; GroupNorm is per record). ``"none"`` keeps the card's parameter names.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, norm: str = "none") -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, norm: str = "none", arch: str = "compact") -> None:
         super().__init__()
         if norm not in CNN_NORMS:
             raise UserInputError(f"--cnn-norm '{norm}' is unknown; choose one of: {', '.join(CNN_NORMS)}")
+        if arch not in CNN_ARCHS:
+            raise UserInputError(f"--cnn-arch '{arch}' is unknown; choose one of: {', '.join(CNN_ARCHS)}")
         channels, *spatial = input_shape
         conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(spatial) == 1 else (nn.Conv2d, nn.MaxPool2d)
 
@@ -48,9 +58,14 @@ class ConvNet(nn.Module):
             normed = [nn.GroupNorm(CNN_GROUPS, c_out)] if norm == "group" else []
             return [conv(c_in, c_out, kernel_size=3, padding=1), *normed, nn.ReLU(), pool(2)]
 
-        self.features = nn.Sequential(*block(channels, 32), *block(32, 64))
-        flat = 64 * math.prod(s // 4 for s in spatial)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        if arch == "card":
+            self.features = nn.Sequential(*block(channels, 32), *block(32, 64))
+            flat = 64 * math.prod(s // 4 for s in spatial)
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        else:
+            self.features = nn.Sequential(*block(channels, COMPACT_CHANNELS))
+            flat = COMPACT_CHANNELS * math.prod(s // 2 for s in spatial)
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -140,7 +155,8 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset: str, augment_views: int = 1) -> None:
+def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset: str, augment_views: int = 1,
+              cnn_arch: str = "compact") -> None:
     """Raise a one-line error when a dataset cannot feed a model family (or be augmented, ``augment_views`` > 1)."""
     if augment_views > 1 and len(input_shape) not in (2, 3):
         raise UserInputError(
@@ -158,21 +174,21 @@ def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset:
             f"shape {input_shape}; use --model mlp (or autoencoder)"
         )
     if model == "cnn":
-        spatial = input_shape[1:]
-        if any(s < 4 for s in spatial):
+        smallest = 4 if cnn_arch == "card" else 2  # one 2x2 pool per conv block
+        if any(s < smallest for s in input_shape[1:]):
             raise UserInputError(
-                f"--model cnn needs every spatial size >= 4 (dataset '{dataset}' has shape {input_shape}); use --model rnn or autoencoder"
-            )
+                f"--model cnn --cnn-arch {cnn_arch} needs every spatial size >= {smallest} (dataset '{dataset}' has shape "
+                f"{input_shape}); use --model rnn or autoencoder")
 
 
 def build_model(model: str, input_shape: tuple[int, ...], num_classes: int, *, rnn_hidden: int = 64,
                 rnn_layers: int = 1, encoding_dim: int = 32, seed: int | None = None, rnn_cell: str = "gru",
-                ae_layers: int = 1, cnn_norm: str = "none") -> nn.Module:
+                ae_layers: int = 1, cnn_norm: str = "none", cnn_arch: str = "compact") -> nn.Module:
     """A fresh model; with ``seed`` its initial weights are deterministic."""
     if seed is not None:
         torch.manual_seed(seed)
     if model == "cnn":
-        return ConvNet(input_shape, num_classes, norm=cnn_norm)
+        return ConvNet(input_shape, num_classes, norm=cnn_norm, arch=cnn_arch)
     if model == "rnn":
         return SequenceClassifier(input_shape, num_classes, rnn_hidden, rnn_layers, cell=rnn_cell)
     if model == "autoencoder":
@@ -186,4 +202,5 @@ def model_from_config(cfg, input_shape: tuple[int, ...], num_classes: int, seed:
     """Build the model a :class:`~common.config.RunConfig` describes."""
     return build_model(cfg.model, input_shape, num_classes, rnn_hidden=cfg.rnn_hidden,
                        rnn_layers=cfg.rnn_layers, encoding_dim=cfg.encoding_dim, seed=seed,
-                       rnn_cell=cfg.rnn_cell, ae_layers=cfg.ae_layers, cnn_norm=cfg.cnn_norm)
+                       rnn_cell=cfg.rnn_cell, ae_layers=cfg.ae_layers, cnn_norm=cfg.cnn_norm,
+                       cnn_arch=cfg.cnn_arch)

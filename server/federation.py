@@ -85,7 +85,7 @@ def run_federation(grid: Grid, cfg: RunConfig, observer: RoundObserver | None = 
     run_dir = prepare_run_dir(cfg)
     data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples,
                         **dataset_options(cfg))
-    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset, cfg.augment_views)
+    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset, cfg.augment_views, cfg.cnn_arch)
     model = model_from_config(cfg, data.input_shape, data.num_classes, seed=cfg.seed)
     strategy = build_strategy(cfg)
     client_sizes = client_records(cfg, data)  # the server's own expectation, never a client's claim

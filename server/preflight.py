@@ -26,7 +26,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
     data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction,
                         mnist1d_samples=cfg.mnist1d_samples,
                         **dataset_options(cfg))
-    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset, cfg.augment_views)
+    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset, cfg.augment_views, cfg.cnn_arch)
     parts = partition(data.y_train, len(data.x_train), cfg.num_clients, cfg.partitioning, seed=cfg.seed,
                       alpha=cfg.dirichlet_alpha, classes_per_client=cfg.classes_per_client)
     noise = plan_privacy(cfg, [len(p) for p in parts])

@@ -60,7 +60,7 @@ def load_run(run_dir: Path) -> AuditInputs:
         raise UserInputError(f"{run_dir} holds no {FINAL_MODEL}; the run has not finished, and the audit needs its final model")
     data = load_dataset(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction, mnist1d_samples=cfg.mnist1d_samples,
                         **dataset_options(cfg))
-    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset, cfg.augment_views)
+    check_fit(cfg.model, data.input_shape, data.labelled, cfg.dataset, cfg.augment_views, cfg.cnn_arch)
     model = model_from_config(cfg, data.input_shape, data.num_classes)
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)

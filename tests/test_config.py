@@ -88,6 +88,7 @@ def test_uncoercible_value_is_a_user_error(key, value):
     ({"server_ema": -0.1}, "--server-ema"),
     ({"server_learning_rate": -1.0}, "--server-learning-rate"),
     ({"cnn_norm": "batch"}, "--cnn-norm"),
+    ({"cnn_arch": "resnet"}, "--cnn-arch"),
 ])
 def test_each_bad_value_names_its_option(changes, option):
     cfg = dataclasses.replace(RunConfig(), **changes)

@@ -122,22 +122,36 @@ def test_ae_layers_two_adds_a_400_layer_on_each_side_and_opacus_accepts_it():
     assert supports(model) and resolve("auto", "autoencoder", model) == "bookkeeping"
 
 
-def test_cnn_norm_none_keeps_the_design_cards_parameter_names():
-    names = list(build_model("cnn", (1, 8, 8), 10, seed=0).state_dict())
-    assert names == ["features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias",
-                     "classifier.1.weight", "classifier.1.bias", "classifier.3.weight", "classifier.3.bias"]
+def test_cnn_arch_card_is_the_design_cards_cnn_with_its_parameter_names():
+    model = build_model("cnn", (3, 32, 32), 10, seed=0, cnn_arch="card")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"features.0.weight": (32, 3, 3, 3), "features.0.bias": (32,),  # Conv2d(3, 32, 3)
+                      "features.3.weight": (64, 32, 3, 3), "features.3.bias": (64,),
+                      "classifier.1.weight": (128, 64 * 8 * 8), "classifier.1.bias": (128,),
+                      "classifier.3.weight": (10, 128), "classifier.3.bias": (10,)}
+    assert sum(p.numel() for p in build_model("cnn", (1, 8, 8), 10, cnn_arch="card").parameters()) == 53_002
 
 
+def test_cnn_arch_compact_the_default_is_the_cards_first_block_feeding_the_class_layer():
+    model = model_from_config(RunConfig(), (3, 32, 32), 10, seed=0)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"features.0.weight": (32, 3, 3, 3), "features.0.bias": (32,),
+                      "classifier.1.weight": (10, 32 * 16 * 16), "classifier.1.bias": (10,)}
+    assert sum(p.numel() for p in build_model("cnn", (1, 8, 8), 10).parameters()) == 5_450
+    assert ModuleValidator.validate(model, strict=True) == []
+
+
+@pytest.mark.parametrize("arch", ["compact", "card"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)])
-def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradients(shape):
+def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradients(shape, arch):
     """GroupNorm normalises each record on its own, so per-sample gradients exist; the mode ``auto``
     resolves to for it must match a one-sample-at-a-time loop (BatchNorm would mix records)."""
     from test_dp_speed import CLIP, TOL, batch_for, naive_clipped, private_step_gradient
 
     from fedpriv.common.evaluation import task_loss
 
-    model = model_from_config(RunConfig(cnn_norm="group"), shape, 10, seed=0)
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 2
+    model = model_from_config(RunConfig(cnn_norm="group", cnn_arch=arch), shape, 10, seed=0)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == (2 if arch == "card" else 1)
     assert ModuleValidator.validate(model, strict=True) == []
     x, y = batch_for("cnn", shape, 10, n=6)
     ref_norms, ref_sum = naive_clipped(model, task_loss("cnn"), x, y, CLIP)
@@ -217,17 +231,19 @@ def test_check_fit_classifier_needs_labels():
     check_fit("autoencoder", (1, 8, 8), labelled=False, dataset="npz:x.npz")  # fine
 
 
-@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 8), (1, 8, 2), (3, 2, 2)])
-def test_check_fit_cnn_needs_spatial_size_of_four(shape):
-    with pytest.raises(UserInputError, match="--model cnn"):
-        check_fit("cnn", shape, labelled=True, dataset="npz:small.npz")
+@pytest.mark.parametrize("arch, shape", [("card", (1, 3)), ("card", (1, 3, 8)), ("card", (1, 8, 2)), ("card", (3, 2, 2)),
+                                         ("compact", (1, 1)), ("compact", (1, 1, 8)), ("compact", (3, 8, 1))])
+def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
+    with pytest.raises(UserInputError, match=f"--model cnn --cnn-arch {arch}"):
+        check_fit("cnn", shape, labelled=True, dataset="npz:small.npz", cnn_arch=arch)
     check_fit("rnn", shape, labelled=True, dataset="npz:small.npz")
     check_fit("autoencoder", shape, labelled=True, dataset="npz:small.npz")
 
 
-@pytest.mark.parametrize("shape", [(1, 4), (1, 4, 4), (3, 8, 8), (1, 40)])
-def test_check_fit_accepts_what_the_cnn_can_take(shape):
-    check_fit("cnn", shape, labelled=True, dataset="d")
+@pytest.mark.parametrize("arch, shape", [("card", (1, 4)), ("card", (1, 4, 4)), ("card", (3, 8, 8)), ("card", (1, 40)),
+                                         ("compact", (1, 2)), ("compact", (1, 2, 2)), ("compact", (3, 8, 8)), ("compact", (1, 40))])
+def test_check_fit_accepts_what_the_cnn_can_take(arch, shape):
+    check_fit("cnn", shape, labelled=True, dataset="d", cnn_arch=arch)
     # ...and the CNN really runs on it.
-    out = build_model("cnn", shape, 3, seed=0)(torch.randn(2, *shape))
+    out = build_model("cnn", shape, 3, seed=0, cnn_arch=arch)(torch.randn(2, *shape))
     assert tuple(out.shape) == (2, 3)
