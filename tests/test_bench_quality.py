@@ -83,6 +83,8 @@ def test_verdicts_say_by_how_much_a_target_is_missed():
     classifier = Recipe("c", "C", {}, "accuracy", 8.0, min_accuracy=0.90)
     assert verdict(classifier, _run("c", 8.0, 0.912, 7.99), None) == "yes"
     assert verdict(classifier, _run("c", 8.0, 0.874, 7.99), None) == "no: 2.6 points short"
+    # 323 of 359 right prints as 0.900: the verdict must not read "0.0 points short"
+    assert verdict(classifier, _run("c", 8.0, 323 / 359, 7.99), None) == "no: 0.03 points short"
     assert verdict(classifier, _run("c", 8.0, 0.95, 8.5), None).startswith("no: ε 8.50")  # over budget never passes
     swept = Recipe("c", "C", {}, "accuracy", 8.0, sweep=(2.0, 4.0), min_accuracy=0.94, sweep_targets={2.0: 0.88})
     assert verdict(swept, _run("c", 2.0, 0.85, 1.99), None) == "no: 3.0 points short"  # each epsilon its own target

@@ -273,7 +273,12 @@ def verdict(recipe: Recipe, run: Run, baseline: Run | None) -> str:
         return f"no: ε {run.max_epsilon:.2f} > {run.target_epsilon:g}"
     if recipe.metric == "accuracy":
         gap = run.value - goal
-        return "yes" if gap >= 0 else f"no: {-gap * 100:.1f} points short"
+        if gap >= 0:
+            return "yes"
+        # A shortfall under 0.05 points would print as "0.0 points short" next to an accuracy that
+        # rounds to the target (0.8997 shows as 0.900), so small gaps keep a second decimal.
+        points = -gap * 100
+        return f"no: {points:.2f} points short" if points < 0.05 else f"no: {points:.1f} points short"
     if baseline is None:
         return "n/a (no non-private run)"
     ratio = run.value / baseline.value
