@@ -377,7 +377,7 @@ def plot(recipes: list[Recipe], runs: list[Run], path: Path) -> None:
         ax.set_ylabel("test accuracy" if metric == "accuracy" else "test reconstruction MSE")
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:  # a recipe with no finished run yet has nothing to label
-            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14))
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the x label
     fig.suptitle("accuracy vs privacy (stars: the targets; dashed: non-private)")
     fig.tight_layout()
     _save_fig(fig, path)
