@@ -141,7 +141,30 @@ def test_cnn_arch_compact_the_default_is_the_cards_first_block_feeding_the_class
     assert ModuleValidator.validate(model, strict=True) == []
 
 
-@pytest.mark.parametrize("arch", ["compact", "card"])
+def test_cnn_arch_card_conv_is_the_cards_two_conv_blocks_feeding_the_class_layer():
+    """The card's convolutions with their parameter names, FC 128 left out; book-keeping clips it
+    exactly (``auto`` picks it), so it costs what the card's CNN costs per step."""
+    from test_dp_speed import CLIP, NORM_RTOL, TOL, batch_for, naive_clipped, private_step_gradient
+
+    from fedpriv.common.evaluation import task_loss
+
+    model = model_from_config(RunConfig(cnn_arch="card-conv"), (3, 32, 32), 10, seed=0)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"features.0.weight": (32, 3, 3, 3), "features.0.bias": (32,),
+                      "features.3.weight": (64, 32, 3, 3), "features.3.bias": (64,),
+                      "classifier.1.weight": (10, 64 * 8 * 8), "classifier.1.bias": (10,)}
+    assert sum(p.numel() for p in build_model("cnn", (1, 40), 10, cnn_arch="card-conv").parameters()) == 12_746
+    assert ModuleValidator.validate(model, strict=True) == []
+    model = build_model("cnn", (1, 40), 10, seed=0, cnn_arch="card-conv")
+    assert resolve("auto", "cnn", model) == "bookkeeping"
+    x, y = batch_for("cnn", (1, 40), 10, n=6)
+    ref_norms, ref_sum = naive_clipped(model, task_loss("cnn"), x, y, CLIP)
+    grad, norms = private_step_gradient(model, task_loss("cnn"), "bookkeeping", x, y, expected_batch=6)
+    torch.testing.assert_close(norms, ref_norms, rtol=NORM_RTOL, atol=TOL)  # norms ~10: float32 rounding
+    torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("arch", ["compact", "card", "card-conv"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)])
 def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradients(shape, arch):
     """GroupNorm normalises each record on its own, so per-sample gradients exist; the mode ``auto``
@@ -151,7 +174,7 @@ def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradie
     from fedpriv.common.evaluation import task_loss
 
     model = model_from_config(RunConfig(cnn_norm="group", cnn_arch=arch), shape, 10, seed=0)
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == (2 if arch == "card" else 1)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == (1 if arch == "compact" else 2)
     assert ModuleValidator.validate(model, strict=True) == []
     x, y = batch_for("cnn", shape, 10, n=6)
     ref_norms, ref_sum = naive_clipped(model, task_loss("cnn"), x, y, CLIP)
@@ -232,7 +255,7 @@ def test_check_fit_classifier_needs_labels():
 
 
 @pytest.mark.parametrize("arch, shape", [("card", (1, 3)), ("card", (1, 3, 8)), ("card", (1, 8, 2)), ("card", (3, 2, 2)),
-                                         ("compact", (1, 1)), ("compact", (1, 1, 8)), ("compact", (3, 8, 1))])
+                                         ("card-conv", (1, 3)), ("card-conv", (3, 8, 2)), ("compact", (1, 1)), ("compact", (1, 1, 8)), ("compact", (3, 8, 1))])
 def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
     with pytest.raises(UserInputError, match=f"--model cnn --cnn-arch {arch}"):
         check_fit("cnn", shape, labelled=True, dataset="npz:small.npz", cnn_arch=arch)
@@ -241,7 +264,7 @@ def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
 
 
 @pytest.mark.parametrize("arch, shape", [("card", (1, 4)), ("card", (1, 4, 4)), ("card", (3, 8, 8)), ("card", (1, 40)),
-                                         ("compact", (1, 2)), ("compact", (1, 2, 2)), ("compact", (3, 8, 8)), ("compact", (1, 40))])
+                                         ("card-conv", (1, 4)), ("card-conv", (3, 8, 8)), ("compact", (1, 2)), ("compact", (1, 2, 2)), ("compact", (3, 8, 8)), ("compact", (1, 40))])
 def test_check_fit_accepts_what_the_cnn_can_take(arch, shape):
     check_fit("cnn", shape, labelled=True, dataset="d", cnn_arch=arch)
     # ...and the CNN really runs on it.
