@@ -114,6 +114,10 @@ def test_repeated_runs_get_a_mean_row_judged_on_the_mean():
                     ablations=(Ablation("momentum", {"momentum": 0.0}),))
     plan = planned([recipe], sweep=True, quick=False)
     assert [(e, a is None) for _, e, a in plan].count((4.0, True)) == 3 and len(plan) == 3 + 1 + 3
+    once = Recipe("c", "CNN", {}, "accuracy", 4.0, repeats=3,
+                  ablations=(Ablation("a", {"momentum": 0.0}), Ablation("b", {"momentum": 0.5}, repeats=1)))
+    counts = [a.without for _, _, a in planned([once], sweep=True, quick=False) if a is not None]
+    assert counts == ["a", "a", "a", "b"]  # an ablation's own repeats win over the recipe's
     runs = [_run("c", 4.0, v, 3.9) for v in (0.75, 0.85, 0.86)]
     for i, run in enumerate(runs, 1):
         run.repeat = i
