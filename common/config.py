@@ -95,7 +95,7 @@ class RunConfig:
     rnn_layers: int = field(default=1, metadata={"help": "RNN recurrent layers."})
     rnn_cell: str = field(default="gru", metadata={"help": "RNN cell: gru (Opacus DPGRU) or lstm (Opacus DPLSTM, the design card's)."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
-    cnn_arch: str = field(default="compact", metadata={"help": "CNN: compact (one conv block of 32 feeding the class layer: the most accurate under DP on small data) card (the design card's two conv blocks, 32 and 64, and FC 128) or card-conv (the card's two conv blocks feeding the class layer: the most accurate under DP on MNIST-1D)."})
+    cnn_arch: str = field(default="compact", metadata={"help": "CNN: compact (one conv block of 32 feeding the class layer: the most accurate under DP on small data), card (the design card's two conv blocks, 32 and 64, and FC 128), or card-conv (the card's two conv blocks feeding the class layer: the most accurate under DP on MNIST-1D)."})
     cnn_norm: str = field(default="none", metadata={"help": "CNN: none (the design card's) or group (GroupNorm after each convolution)."})
     ae_layers: int = field(default=1, metadata={"help": "Autoencoder hidden layers of 400 on each side of the bottleneck (1 = input-400-encoding-400-input)."})
     augment_views: int = field(default=1, metadata={"help": "Augmentation multiplicity: random views of each sampled record whose gradients are averaged before clipping, so the record still counts once (1 = off; at most 16; sequences and images; bookkeeping mode)."})

@@ -64,10 +64,9 @@ class ConvNet(nn.Module):
             return [conv(c_in, c_out, kernel_size=3, padding=1), *normed, nn.ReLU(), pool(2)]
 
         if arch == "compact":
-            self.features = nn.Sequential(*block(channels, COMPACT_CHANNELS))
+            self.features, width = nn.Sequential(*block(channels, COMPACT_CHANNELS)), COMPACT_CHANNELS
         else:  # the card's two conv blocks
-            self.features = nn.Sequential(*block(channels, 32), *block(32, 64))
-        width = COMPACT_CHANNELS if arch == "compact" else 64
+            self.features, width = nn.Sequential(*block(channels, 32), *block(32, 64)), 64
         flat = width * math.prod(s // 2 ** CNN_BLOCKS[arch] for s in spatial)
         if arch == "card":
             self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))

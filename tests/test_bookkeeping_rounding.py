@@ -101,7 +101,7 @@ def test_a_convolution_whose_views_cancel_is_still_clipped_to_c() -> None:
 
 
 def _server_crafted_cnn(length: int) -> nn.Module:
-    """The project's MNIST-1D CNN (the design card's, which the MNIST-1D recipes use) with weights
+    """The design card's MNIST-1D CNN (the MNIST-1D recipes' until card-conv) with weights
     chosen so that a record's two views saturate to two different classes through inputs that differ by ~1e-9 relative: their dense-layer gradients
     cancel to within float32 rounding (the reviewer's construction)."""
     model = build_model("cnn", (1, length), 10, seed=0, cnn_arch="card")

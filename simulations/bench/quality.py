@@ -61,8 +61,9 @@ class Recipe:
     ``derive_noise=False`` runs ``options`` as they are, without ``--target-epsilon`` (the main job:
     ``fedpriv simulate`` with no options); ``epsilon`` is then the most its defaults may spend.
     ``ablations`` are runs at ``epsilon`` each without one of the recipe's techniques.
-    ``repeats`` runs the main DP run and each ablation (unless it sets its own) that many times: every client draws its DP
-    noise from the OS, so one run of a small, noisy recipe (the main job) says little on its own.
+    ``repeats`` runs the main DP run and each ablation (unless it sets its own) that many times:
+    every client draws its DP noise from the OS, so one run of a small, noisy recipe (the main job)
+    says little on its own.
     """
 
     key: str
