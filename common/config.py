@@ -30,7 +30,9 @@ SIMULATION_BACKENDS = ("in-process", "ray")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost", "bookkeeping")
 RNN_CELLS = ("gru", "lstm")  # Opacus' DPGRU / DPLSTM (common/models.py)
 CNN_NORMS = ("none", "group")  # --cnn-norm (common/models.py)
-CNN_ARCHS = ("compact", "card", "card-conv")  # --cnn-arch (common/models.py): one conv block; the card's two + FC 128; the card's two alone
+# --cnn-arch (common/models.py): fixed wavelet features + class layer; the same + the card's two conv blocks;
+# one conv block; the card's two + FC 128; the card's two alone
+CNN_ARCHS = ("scatter", "scatter-conv", "compact", "card", "card-conv")
 MAX_AUGMENT_VIEWS = 16  # --augment-views: each view is a forward and backward pass (client/augmentation.py)
 
 
@@ -95,7 +97,7 @@ class RunConfig:
     rnn_layers: int = field(default=1, metadata={"help": "RNN recurrent layers."})
     rnn_cell: str = field(default="gru", metadata={"help": "RNN cell: gru (Opacus DPGRU) or lstm (Opacus DPLSTM, the design card's)."})
     encoding_dim: int = field(default=32, metadata={"help": "Autoencoder bottleneck size."})
-    cnn_arch: str = field(default="compact", metadata={"help": "CNN: compact (one conv block of 32 feeding the class layer: the most accurate under DP on small data), card (the design card's two conv blocks, 32 and 64, and FC 128), or card-conv (the card's two conv blocks feeding the class layer: the most accurate under DP on MNIST-1D)."})
+    cnn_arch: str = field(default="scatter", metadata={"help": "CNN: scatter (fixed wavelet features, normalised per record, feeding the class layer: the most accurate under DP on small data), scatter-conv (the same features through the card's two conv blocks: the most accurate under DP on MNIST-1D), compact (one conv block of 32 feeding the class layer), card (the design card's two conv blocks, 32 and 64, and FC 128), or card-conv (the card's two conv blocks feeding the class layer)."})
     cnn_norm: str = field(default="none", metadata={"help": "CNN: none (the design card's) or group (GroupNorm after each convolution)."})
     ae_layers: int = field(default=1, metadata={"help": "Autoencoder hidden layers of 400 on each side of the bottleneck (1 = input-400-encoding-400-input)."})
     augment_views: int = field(default=1, metadata={"help": "Augmentation multiplicity: random views of each sampled record whose gradients are averaged before clipping, so the record still counts once (1 = off; at most 16; sequences and images; bookkeeping mode)."})

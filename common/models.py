@@ -19,13 +19,14 @@ from torch import nn
 
 from fedpriv.common.config import CNN_ARCHS, CNN_NORMS  # --cnn-arch, --cnn-norm
 from fedpriv.common.errors import UserInputError
+from fedpriv.common.scattering import WaveletScattering
 
 CLASSIFIERS = ("cnn", "rnn", "mlp")
 MLP_WIDTHS = (128, 64)  # the tabular classifier's hidden layers
 RNN_CELLS = {"gru": DPGRU, "lstm": DPLSTM}  # --rnn-cell: Opacus' DP-ready recurrent layers
 AE_WIDTH = 400  # the autoencoder's hidden width (input -> 400 -> encoding -> 400 -> input)
 SEQUENCE_CHUNK = 8  # 1-D sequences: time steps per GRU step (see SequenceClassifier)
-CNN_BLOCKS = {"compact": 1, "card": 2, "card-conv": 2}  # --cnn-arch: conv blocks, each halving every spatial size (2x2 pool)
+CNN_BLOCKS = {"compact": 1, "card": 2, "card-conv": 2, "scatter": 0, "scatter-conv": 2}  # --cnn-arch: conv blocks, each halving every spatial size (2x2 pool)
 COMPACT_CHANNELS = 32  # --cnn-arch compact: the card's first block (64 filters: 0.892 against 0.897 over 12 runs each)
 CNN_GROUPS = 8  # GroupNorm groups per conv layer (32 and 64 channels: 4 and 8 per group)
 
@@ -35,8 +36,8 @@ class ConvNet(nn.Module):
 
     ``arch="card"`` (``--cnn-arch card``) is the design card's CNN: two 3x3 conv blocks (32, 64
     channels, ReLU, 2x2 max-pool), FC 128, class layer (53,002 weights on 8x8 digits).
-    ``arch="compact"``, the default, is that network's first block feeding the class layer straight
-    away (5,450 weights on digits). Why it is the default: under local DP every owner adds noise of
+    ``arch="compact"`` is that network's first block feeding the class layer straight
+    away (5,450 weights on digits). Why it was the default before ``scatter``: under local DP every owner adds noise of
     the same size to each of the model's weights, and at the main job's 143 records per owner the
     card's 53,002 weights drown the averaged clipped gradient in that noise (accuracy 0.755 at
     epsilon 3.98, against 0.897 over 12 runs for the compact CNN; README "--cnn-arch").
@@ -45,12 +46,23 @@ class ConvNet(nn.Module):
     thousands of records (MNIST-1D, 4,800 each) the second block pays for itself, FC 128's 82,048
     weights do not (README "--cnn-arch": 0.937 against 0.899 at epsilon 8).
 
+    ``arch="scatter"``, the default, is a ScatterNet (Tramer & Boneh 2021; common/scattering.py): a
+    fixed, data-independent wavelet filter bank (each channel and the modulus of its Gabor wavelet
+    responses; images averaged over 2x2 patches), a GroupNorm that normalises each record's feature
+    channels on their own (no trainable parameters), and the class layer: the only trained weights
+    (1,450 on 8x8 digits). ``arch="scatter-conv"`` puts the card's two conv blocks between the
+    normalised features and the class layer (ScatterNet + CNN; 13,322 weights on MNIST-1D). Nothing
+    before the trainable layers is learnt, so no privacy is spent on features, and the noise of
+    DP-SGD falls on fewer weights that start from features in which the classes already separate:
+    on the main job 0.949 against compact's 0.893 (40 runs each, standalone replica, epsilon 4),
+    on MNIST-1D at epsilon 2 0.90 against card-conv's 0.83 (README "--cnn-arch").
+
     ``norm="group"`` (``--cnn-norm group``) puts a GroupNorm after each convolution, before its ReLU:
     the normalisation DP-SGD can use (BatchNorm mixes the records of a batch, so per-sample
     gradients would not exist; GroupNorm is per record). ``"none"`` keeps the card's parameter names.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, norm: str = "none", arch: str = "compact") -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, norm: str = "none", arch: str = "scatter") -> None:
         super().__init__()
         if norm not in CNN_NORMS:
             raise UserInputError(f"--cnn-norm '{norm}' is unknown; choose one of: {', '.join(CNN_NORMS)}")
@@ -63,10 +75,17 @@ class ConvNet(nn.Module):
             normed = [nn.GroupNorm(CNN_GROUPS, c_out)] if norm == "group" else []
             return [conv(c_in, c_out, kernel_size=3, padding=1), *normed, nn.ReLU(), pool(2)]
 
+        front: list[nn.Module] = []
+        if arch.startswith("scatter"):  # fixed wavelet features, each record's channels normalised on their own
+            scattering = WaveletScattering(channels, len(spatial))
+            front = [scattering, nn.GroupNorm(scattering.out_channels, scattering.out_channels, affine=False)]
+            channels, spatial = scattering.out_channels, [s // scattering.pool for s in spatial]
         if arch == "compact":
             self.features, width = nn.Sequential(*block(channels, COMPACT_CHANNELS)), COMPACT_CHANNELS
+        elif arch == "scatter":
+            self.features, width = nn.Sequential(*front), channels
         else:  # the card's two conv blocks
-            self.features, width = nn.Sequential(*block(channels, 32), *block(32, 64)), 64
+            self.features, width = nn.Sequential(*front, *block(channels, 32), *block(32, 64)), 64
         flat = width * math.prod(s // 2 ** CNN_BLOCKS[arch] for s in spatial)
         if arch == "card":
             self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
@@ -161,8 +180,15 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def smallest_cnn_input(arch: str, spatial_dims: int) -> int:
+    """The smallest spatial size ``--cnn-arch arch`` takes: each conv block's 2x2 pool halves every
+    size, and so does the scattering front end's averaging on images."""
+    front = 2 if arch.startswith("scatter") and spatial_dims == 2 else 1
+    return front * 2 ** CNN_BLOCKS[arch]
+
+
 def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset: str, augment_views: int = 1,
-              cnn_arch: str = "compact") -> None:
+              cnn_arch: str = "scatter") -> None:
     """Raise a one-line error when a dataset cannot feed a model family (or be augmented, ``augment_views`` > 1)."""
     if augment_views > 1 and len(input_shape) not in (2, 3):
         raise UserInputError(
@@ -180,7 +206,7 @@ def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset:
             f"shape {input_shape}; use --model mlp (or autoencoder)"
         )
     if model == "cnn":
-        smallest = 2 ** CNN_BLOCKS[cnn_arch]  # each conv block's 2x2 pool halves every spatial size
+        smallest = smallest_cnn_input(cnn_arch, len(input_shape) - 1)
         if any(s < smallest for s in input_shape[1:]):
             raise UserInputError(
                 f"--model cnn --cnn-arch {cnn_arch} needs every spatial size >= {smallest} (dataset '{dataset}' has shape "
@@ -189,7 +215,7 @@ def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset:
 
 def build_model(model: str, input_shape: tuple[int, ...], num_classes: int, *, rnn_hidden: int = 64,
                 rnn_layers: int = 1, encoding_dim: int = 32, seed: int | None = None, rnn_cell: str = "gru",
-                ae_layers: int = 1, cnn_norm: str = "none", cnn_arch: str = "compact") -> nn.Module:
+                ae_layers: int = 1, cnn_norm: str = "none", cnn_arch: str = "scatter") -> nn.Module:
     """A fresh model; with ``seed`` its initial weights are deterministic."""
     if seed is not None:
         torch.manual_seed(seed)

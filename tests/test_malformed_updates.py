@@ -231,15 +231,22 @@ def _colluding_app(step: float, shares: dict[str, float]) -> ClientApp:
     app = ClientApp()
     directions: dict[int, dict[str, np.ndarray]] = {}
 
+    def unit(pid: int, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(pid)
+        raw = {k: rng.standard_normal(v.shape) for k, v in like.items()}
+        if pid:  # orthogonal to the target's: the share then measures the weights, not chance overlaps
+            target = unit(0, like)
+            overlap = sum(float((raw[k] * target[k]).sum()) for k in raw)
+            raw = {k: raw[k] - overlap * target[k] for k in raw}
+        norm = math.sqrt(sum(float((r**2).sum()) for r in raw.values()))
+        return {k: r / norm for k, r in raw.items()}
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config[PARTITION_ID_KEY])
         sent = {k: v.numpy() for k, v in msg.content[wire.ARRAYS].items()}
         if pid not in directions:
-            rng = np.random.default_rng(pid)
-            raw = {k: rng.standard_normal(v.shape) for k, v in sent.items()}
-            norm = math.sqrt(sum(float((r**2).sum()) for r in raw.values()))
-            directions[pid] = {k: r / norm for k, r in raw.items()}
+            directions[pid] = unit(pid, sent)
             directions[pid]["_start"] = sent
         elif pid == 0:
             start = directions[0]["_start"]

@@ -13,6 +13,7 @@ from fedpriv.common.datasets import load_dataset
 from fedpriv.common.errors import UserInputError
 from fedpriv.common.evaluation import evaluate
 from fedpriv.common.models import build_model, check_fit, model_from_config
+from fedpriv.common.scattering import WaveletScattering
 from fedpriv.client.bookkeeping import supports
 from fedpriv.client.grad_sample_modes import resolve
 from opacus.layers import DPGRU, DPLSTM
@@ -132,12 +133,12 @@ def test_cnn_arch_card_is_the_design_cards_cnn_with_its_parameter_names():
     assert sum(p.numel() for p in build_model("cnn", (1, 8, 8), 10, cnn_arch="card").parameters()) == 53_002
 
 
-def test_cnn_arch_compact_the_default_is_the_cards_first_block_feeding_the_class_layer():
-    model = model_from_config(RunConfig(), (3, 32, 32), 10, seed=0)
+def test_cnn_arch_compact_is_the_cards_first_block_feeding_the_class_layer():
+    model = model_from_config(RunConfig(cnn_arch="compact"), (3, 32, 32), 10, seed=0)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {"features.0.weight": (32, 3, 3, 3), "features.0.bias": (32,),
                       "classifier.1.weight": (10, 32 * 16 * 16), "classifier.1.bias": (10,)}
-    assert sum(p.numel() for p in build_model("cnn", (1, 8, 8), 10).parameters()) == 5_450
+    assert sum(p.numel() for p in build_model("cnn", (1, 8, 8), 10, cnn_arch="compact").parameters()) == 5_450
     assert ModuleValidator.validate(model, strict=True) == []
 
 
@@ -164,7 +165,67 @@ def test_cnn_arch_card_conv_is_the_cards_two_conv_blocks_feeding_the_class_layer
     torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("arch", ["compact", "card", "card-conv"])
+def test_cnn_arch_scatter_the_default_trains_only_the_class_layer_on_fixed_wavelet_features():
+    """ScatterNet + linear (Tramer & Boneh 2021): the wavelet filters and the per-record GroupNorm
+    have no trainable parameter, so the class layer is all a client trains and releases."""
+    model = model_from_config(RunConfig(), (3, 32, 32), 10, seed=0)
+    channels = 3 * (1 + 8)  # every colour channel, and the modulus of its 8 oriented wavelets
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"classifier.1.weight": (10, channels * 16 * 16), "classifier.1.bias": (10,)}
+    assert [type(m) for m in model.features] == [WaveletScattering, torch.nn.GroupNorm]
+    assert sum(p.numel() for p in build_model("cnn", (1, 8, 8), 10).parameters()) == 1_450
+    assert sum(p.numel() for p in build_model("cnn", (1, 40), 10, cnn_arch="scatter").parameters()) == 2_810
+    assert ModuleValidator.validate(model, strict=True) == []
+    assert resolve("auto", "cnn", model) == "bookkeeping"
+
+
+def test_cnn_arch_scatter_conv_feeds_the_features_to_the_cards_two_conv_blocks():
+    model = build_model("cnn", (1, 40), 10, seed=0, cnn_arch="scatter-conv")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"features.2.weight": (32, 7, 3), "features.2.bias": (32,),  # 1 + 6 wavelet channels
+                      "features.5.weight": (64, 32, 3), "features.5.bias": (64,),
+                      "classifier.1.weight": (10, 64 * 10), "classifier.1.bias": (10,)}
+    assert sum(p.numel() for p in model.parameters()) == 13_322
+    image = build_model("cnn", (3, 32, 32), 10, seed=0, cnn_arch="scatter-conv")
+    assert tuple(image(torch.randn(2, 3, 32, 32)).shape) == (2, 10)
+    assert ModuleValidator.validate(image, strict=True) == []
+
+
+@pytest.mark.parametrize("arch", ["scatter", "scatter-conv"])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8), (1, 40)])
+def test_scatter_archs_get_exact_clipped_per_sample_gradients(arch, shape):
+    """Book-keeping (what ``auto`` picks) clips each record's gradient exactly: the per-record
+    GroupNorm mixes no records, so a one-sample-at-a-time loop gives the same norms and sum."""
+    from test_dp_speed import CLIP, NORM_RTOL, TOL, batch_for, naive_clipped, private_step_gradient
+
+    from fedpriv.common.evaluation import task_loss
+
+    model = build_model("cnn", shape, 10, seed=0, cnn_arch=arch)
+    assert resolve("auto", "cnn", model) == "bookkeeping"
+    x, y = batch_for("cnn", shape, 10, n=6)
+    ref_norms, ref_sum = naive_clipped(model, task_loss("cnn"), x, y, CLIP)
+    grad, norms = private_step_gradient(model, task_loss("cnn"), "bookkeeping", x, y, expected_batch=6)
+    torch.testing.assert_close(norms, ref_norms, rtol=NORM_RTOL, atol=TOL)
+    torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("arch", ["scatter", "scatter-conv"])
+def test_a_server_cannot_set_the_wavelet_filters(arch):
+    """The filters are rebuilt from code on every machine and never travel: weights from a server
+    that carry filters of its own (say, all zero, or one that copies the input) are refused, and the
+    client's filters stay as they were."""
+    model = build_model("cnn", (1, 8, 8), 10, seed=0, cnn_arch=arch)
+    scattering = model.features[0]
+    before = scattering.filters.clone()
+    crafted = dict(model.state_dict())
+    crafted["features.0.filters"] = torch.zeros_like(before)
+    with pytest.raises(RuntimeError, match="features.0.filters"):
+        model.load_state_dict(crafted)
+    assert torch.equal(scattering.filters, before)
+    assert "features.0.filters" not in model.state_dict()
+
+
+@pytest.mark.parametrize("arch", ["compact", "card", "card-conv", "scatter-conv"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 40)])
 def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradients(shape, arch):
     """GroupNorm normalises each record on its own, so per-sample gradients exist; the mode ``auto``
@@ -174,7 +235,8 @@ def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradie
     from fedpriv.common.evaluation import task_loss
 
     model = model_from_config(RunConfig(cnn_norm="group", cnn_arch=arch), shape, 10, seed=0)
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == (1 if arch == "compact" else 2)
+    # scatter-conv's own GroupNorm on the wavelet features comes first
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == {"compact": 1, "scatter-conv": 3}.get(arch, 2)
     assert ModuleValidator.validate(model, strict=True) == []
     x, y = batch_for("cnn", shape, 10, n=6)
     ref_norms, ref_sum = naive_clipped(model, task_loss("cnn"), x, y, CLIP)
@@ -255,7 +317,8 @@ def test_check_fit_classifier_needs_labels():
 
 
 @pytest.mark.parametrize("arch, shape", [("card", (1, 3)), ("card", (1, 3, 8)), ("card", (1, 8, 2)), ("card", (3, 2, 2)),
-                                         ("card-conv", (1, 3)), ("card-conv", (3, 8, 2)), ("compact", (1, 1)), ("compact", (1, 1, 8)), ("compact", (3, 8, 1))])
+                                         ("card-conv", (1, 3)), ("card-conv", (3, 8, 2)), ("compact", (1, 1)), ("compact", (1, 1, 8)), ("compact", (3, 8, 1)),
+                                         ("scatter", (1, 1, 8)), ("scatter-conv", (1, 3)), ("scatter-conv", (1, 4, 8)), ("scatter-conv", (3, 8, 7))])
 def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
     with pytest.raises(UserInputError, match=f"--model cnn --cnn-arch {arch}"):
         check_fit("cnn", shape, labelled=True, dataset="npz:small.npz", cnn_arch=arch)
@@ -264,7 +327,8 @@ def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
 
 
 @pytest.mark.parametrize("arch, shape", [("card", (1, 4)), ("card", (1, 4, 4)), ("card", (3, 8, 8)), ("card", (1, 40)),
-                                         ("card-conv", (1, 4)), ("card-conv", (3, 8, 8)), ("compact", (1, 2)), ("compact", (1, 2, 2)), ("compact", (3, 8, 8)), ("compact", (1, 40))])
+                                         ("card-conv", (1, 4)), ("card-conv", (3, 8, 8)), ("compact", (1, 2)), ("compact", (1, 2, 2)), ("compact", (3, 8, 8)), ("compact", (1, 40)),
+                                         ("scatter", (1, 1)), ("scatter", (1, 2, 2)), ("scatter", (3, 32, 32)), ("scatter-conv", (1, 4)), ("scatter-conv", (1, 8, 8))])
 def test_check_fit_accepts_what_the_cnn_can_take(arch, shape):
     check_fit("cnn", shape, labelled=True, dataset="d", cnn_arch=arch)
     # ...and the CNN really runs on it.
