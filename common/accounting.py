@@ -98,6 +98,15 @@ def epsilon_for(history: Iterable[Mechanism], delta: float, accountant: str) -> 
     check_accountant(accountant)
     if not history:
         return 0.0
+    return _epsilon_of_merged(tuple(sorted(history)), float(delta), accountant)
+
+
+@lru_cache(maxsize=512)
+def _epsilon_of_merged(history: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
+    """:func:`epsilon_for` of a merged, sorted history: a pure function, so it is cached. Simulated
+    clients of equal size share one history each round, and a round asks for it up to three times
+    (spent so far, planned, charged): PRV costs ~0.35 s a call on a 20-step-per-round ledger."""
+    history = list(history)
     if accountant == "rdp":
         rdp = sum(steps * _rdp_per_step(q, sigma) for sigma, q, steps in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
