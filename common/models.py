@@ -54,8 +54,9 @@ class ConvNet(nn.Module):
     normalised features and the class layer (ScatterNet + CNN; 13,322 weights on MNIST-1D). Nothing
     before the trainable layers is learnt, so no privacy is spent on features, and the noise of
     DP-SGD falls on fewer weights that start from features in which the classes already separate:
-    on the main job 0.949 against compact's 0.893 (40 runs each, standalone replica, epsilon 4),
-    on MNIST-1D at epsilon 2 0.90 against card-conv's 0.83 (README "--cnn-arch").
+    on the main job 0.946 against compact's 0.883 (quality bench, epsilon 3.98; 0.949 against 0.893
+    over 16 and 40 standalone replica runs), on MNIST-1D at epsilon 2 0.899 against card-conv's
+    0.794-0.827 (README "--cnn-arch").
 
     ``norm="group"`` (``--cnn-norm group``) puts a GroupNorm after each convolution, before its ReLU:
     the normalisation DP-SGD can use (BatchNorm mixes the records of a batch, so per-sample

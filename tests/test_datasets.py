@@ -206,8 +206,10 @@ def test_channels_last_images_are_detected_and_train_the_founding_cnn(tmp_path):
     assert a.input_shape == b.input_shape == (3, 32, 32)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     check_fit("cnn", b.input_shape, True, "last.npz")
-    model = build_model("cnn", b.input_shape, 2, seed=0)
+    model = build_model("cnn", b.input_shape, 2, seed=0, cnn_arch="card")
     assert model.features[0].in_channels == 3  # the founding document's Conv2d(3, 32, 3)
     assert model(torch.from_numpy(b.x_train[:4])).shape == (4, 2)
+    default = build_model("cnn", b.input_shape, 2, seed=0)  # the ScatterNet filters each colour channel
+    assert default.features[0].channels == 3 and default(torch.from_numpy(b.x_train[:4])).shape == (4, 2)
     assert channels_last((32, 32, 3)) and channels_last((28, 28, 1))
     assert not channels_last((3, 32, 32)) and not channels_last((1, 28, 28)) and not channels_last((3, 32, 3))
