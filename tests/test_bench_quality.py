@@ -21,7 +21,7 @@ def test_every_recipe_is_a_valid_simulate_command_line():
     for recipe in RECIPES:
         if recipe.sweep:  # three epsilons or more for the plot (the others draw their per-round curve)
             assert len({recipe.epsilon, *recipe.sweep}) >= 3, recipe.key
-        runs = [(e, None) for e in (recipe.epsilon, *recipe.sweep, math.inf)] + [(recipe.epsilon, a) for a in recipe.ablations]
+        runs = [(e, None) for e in (recipe.epsilon, *recipe.sweep, math.inf)] + [(a.at(recipe), a) for a in recipe.ablations]
         for epsilon, ablation in runs:
             options = run_options(recipe, epsilon, quick=False, ablation=ablation)
             args = command_line(options)
@@ -72,6 +72,18 @@ def test_plan_runs_main_and_non_private_first_then_the_sweep():
     assert [(e, a) for _, e, a in planned([recipe], sweep=True, quick=True)] == [
         (recipe.epsilon, None), (math.inf, None), (min(recipe.sweep), None), (8.0, recipe.ablations[0])]
     assert [e for _, e, _ in planned([recipe], sweep=True, quick=False, parts=("no-dp",))] == [math.inf]
+
+
+def test_an_ablation_at_a_sweep_epsilon_runs_with_that_epsilons_options():
+    recipe = Recipe("c", "C", {"learning-rate": 3.0, "num-rounds": 16}, "accuracy", 8.0, sweep=(2.0, 4.0),
+                    sweep_options={"num-rounds": 12}, epsilon_options={2.0: {"learning-rate": 1.5}},
+                    ablations=(Ablation("x", {"momentum": 0.0}, epsilon=2.0), Ablation("y", {"momentum": 0.5})))
+    plan = [(e, a.without) for _, e, a in planned([recipe], sweep=True, quick=False) if a is not None]
+    assert plan == [(2.0, "x"), (8.0, "y")]
+    options = run_options(recipe, 2.0, quick=False, ablation=recipe.ablations[0])
+    assert (options["learning-rate"], options["num-rounds"], options["momentum"], options["target-epsilon"]) == (1.5, 12, 0.0, 2.0)
+    for every in RECIPES:  # an ablation's epsilon is one the recipe runs anyway, so its row has a twin to compare
+        assert all(a.at(every) in (every.epsilon, *every.sweep) for a in every.ablations), every.key
 
 
 def test_the_main_recipe_and_the_autoencoder_have_separate_runs_at_three_epsilons():

@@ -35,16 +35,23 @@ NON_PRIVATE = math.inf  # the epsilon of a --no-dp run
 
 @dataclass(frozen=True)
 class Ablation:
-    """One technique taken out of a recipe: ``options`` override the recipe's (same target epsilon)."""
+    """One technique taken out of a recipe: ``options`` override the recipe's, at the same target
+    epsilon, the recipe's own unless ``epsilon`` names one of its sweep epsilons (then with that
+    epsilon's options too: a technique that pays most where the noise is largest is measured there)."""
 
     without: str  # what is left out, e.g. "server momentum"
     options: dict[str, Any]
     # How often it runs; None = the recipe's ``repeats``. One run is enough where the gap is far
     # outside the run-to-run spread (the main job's: about 4 points), and keeps the bench in budget.
     repeats: int | None = None
+    epsilon: float | None = None
 
     def runs(self, recipe: "Recipe") -> int:
         return recipe.repeats if self.repeats is None else self.repeats
+
+    def at(self, recipe: "Recipe") -> float:
+        """The target epsilon this ablation runs at."""
+        return recipe.epsilon if self.epsilon is None else self.epsilon
 
 
 @dataclass(frozen=True)
@@ -147,12 +154,12 @@ RECIPES = (
     Recipe("main-job", "Main job: `fedpriv simulate` (CNN, digits, 10 IID clients)", {}, "accuracy", 4.0,
            min_accuracy=0.90, derive_noise=False, repeats=3,
            baseline_options={"learning-rate": 0.1},  # no clipping: lr 0.5 with server momentum overshoots
-           # The two ablations far down run once (the compact CNN 0.883 and the defaults of three releases
-           # ago 0.638, against 0.942-0.950 in this release's bench); server momentum's runs spread
-           # (0.830-0.869), so they run three times.
+           # The ablations run once: each is far below (the compact CNN 0.883, without server momentum
+           # 0.830-0.869 over three runs, the defaults of three releases ago 0.638, against 0.942-0.950
+           # in this release's first bench).
            ablations=(Ablation("the scattering front end (the compact CNN instead)", {"cnn-arch": "compact", "target-epsilon": 4.0},
                                repeats=1),
-                      Ablation("server momentum", {"strategy": "fedavg", "target-epsilon": 4.0}),
+                      Ablation("server momentum", {"strategy": "fedavg", "target-epsilon": 4.0}, repeats=1),
                       Ablation("the scattering front end, full-batch rounds and server momentum (the defaults of three releases ago)", MAIN_PREVIOUS,
                                repeats=1))),
     Recipe("cnn-iid", "CNN, MNIST-1D, 10 IID clients",
@@ -165,7 +172,9 @@ RECIPES = (
            # (The card's CNN: epsilon 4 0.850-0.886, epsilon 2 0.60-0.72.)
            sweep_options={"num-rounds": 12}, epsilon_options={4.0: {"learning-rate": 2.5}, 2.0: {"learning-rate": 1.5}},
            baseline_options={"learning-rate": 0.2},  # card-conv, no DP, 16 rounds: 0.973
-           ablations=(Ablation("the scattering front end (card-conv instead)", {"cnn-arch": "card-conv"}),)),
+           # Measured at epsilon 2, where the noise is largest and the front end pays most (at epsilon 8 in
+           # the first bench of this release: 0.947 with it, 0.937 with card-conv).
+           ablations=(Ablation("the scattering front end (card-conv instead)", {"cnn-arch": "card-conv"}, epsilon=2.0),)),
     # Non-IID clients pull the average back and forth: without iterate averaging the last 8 of 30
     # rounds swung between 0.865 and 0.901 (final 0.901; 20 rounds 0.893). The server's average of
     # its iterates (--server-ema 0.7, post-processing, no privacy cost) smooths that: 30 rounds 0.912
@@ -191,7 +200,12 @@ RECIPES = (
             "augment-views": 4, "augment-shift": 4},
            "accuracy", 8.0, min_accuracy=0.90,  # accuracy vs epsilon: its per-round curve (time budget)
            baseline_options={"learning-rate": 1.0},  # no DP: lr 1 gave 0.93, lr 0.2 only 0.62 (tuning runs)
-           ablations=(Ablation("augmentation multiplicity", {"augment-views": 1}),)),
+           # --rnn-cell lstm (the founding document's LSTM, Opacus' DPLSTM) beside the GRU, both without
+           # views so that it runs in about a minute: its row compares with the views ablation's GRU
+           # (one fedpriv run, PRV: LSTM 0.819 in 64 s against the GRU's 0.867).
+           ablations=(Ablation("augmentation multiplicity", {"augment-views": 1}),
+                      Ablation("augmentation multiplicity and the GRU (the founding document's LSTM, --rnn-cell lstm)",
+                               {"augment-views": 1, "rnn-cell": "lstm"}))),
     # Tuned clipping: the autoencoder's per-sample gradients are small, so clipping at 1 mostly adds
     # noise. At epsilon 2 (tuning runs, one each): clip 0.1 / lr 0.5 MSE 0.477; clip 0.03 / lr 3 0.516;
     # clip 0.1 / lr 1 0.546; clip 1 / lr 0.1 (the previous recipe) 0.556; FedAvgM 0.5 / lr 0.05 0.502.
@@ -232,7 +246,7 @@ class Run:
 
 def run_options(recipe: Recipe, epsilon: float, *, quick: bool, ablation: Ablation | None = None) -> dict[str, Any]:
     """The simulate options of one run: DP at ``epsilon``, or ``--no-dp`` when it is infinite;
-    ``ablation`` takes one technique out (at the recipe's own epsilon)."""
+    ``ablation`` takes one technique out (at :meth:`Ablation.at`)."""
     options = dict(recipe.options)
     if math.isfinite(epsilon) and epsilon != recipe.epsilon:
         options.update(recipe.sweep_options)
@@ -437,7 +451,7 @@ def planned(recipes: list[Recipe], *, sweep: bool, quick: bool,
     if sweep and "sweep" in parts:
         plan += [(r, e, None) for r in recipes for e in (sorted(r.sweep)[:1] if quick else r.sweep)]
     if sweep and "ablation" in parts:
-        plan += [(r, r.epsilon, a) for r in recipes for a in (r.ablations[:1] if quick else r.ablations)
+        plan += [(r, a.at(r), a) for r in recipes for a in (r.ablations[:1] if quick else r.ablations)
                  for _ in range(1 if quick else a.runs(r))]
     return plan
 
