@@ -19,7 +19,7 @@ from torch import nn
 
 from fedpriv.common.config import CNN_ARCHS, CNN_NORMS  # --cnn-arch, --cnn-norm
 from fedpriv.common.errors import UserInputError
-from fedpriv.common.scattering import WaveletScattering
+from fedpriv.common.scattering import WaveletScattering, pool_size
 
 CLASSIFIERS = ("cnn", "rnn", "mlp")
 MLP_WIDTHS = (128, 64)  # the tabular classifier's hidden layers
@@ -184,7 +184,7 @@ class MLP(nn.Module):
 def smallest_cnn_input(arch: str, spatial_dims: int) -> int:
     """The smallest spatial size ``--cnn-arch arch`` takes: each conv block's 2x2 pool halves every
     size, and so does the scattering front end's averaging on images."""
-    front = 2 if arch.startswith("scatter") and spatial_dims == 2 else 1
+    front = pool_size(spatial_dims) if arch.startswith("scatter") else 1
     return front * 2 ** CNN_BLOCKS[arch]
 
 

@@ -44,6 +44,11 @@ FREQUENCY_RATIO = 0.8
 MODULUS_EPS = 1e-8  # keeps the modulus differentiable at zero
 
 
+def pool_size(spatial_dims: int) -> int:
+    """How much the front end averages each spatial axis: 2x2 patches of images, nothing of sequences."""
+    return 2 if spatial_dims == 2 else 1
+
+
 def _normalised(real: torch.Tensor, imag: torch.Tensor, envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A zero-mean real part (a wavelet has no DC response) and unit-norm real and imaginary parts."""
     real = real - envelope * real.sum() / envelope.sum()
@@ -100,7 +105,7 @@ class WaveletScattering(nn.Module):
         self.wavelets = bank.shape[0] // 2
         # Depthwise: every input channel gets the whole bank (conv groups = channels).
         self.register_buffer("filters", bank.unsqueeze(1).repeat(channels, *[1] * bank.dim()), persistent=False)
-        self.pool = 2 if spatial_dims == 2 else 1
+        self.pool = pool_size(spatial_dims)
 
     @property
     def out_channels(self) -> int:
