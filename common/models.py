@@ -27,6 +27,7 @@ RNN_CELLS = {"gru": DPGRU, "lstm": DPLSTM}  # --rnn-cell: Opacus' DP-ready recur
 AE_WIDTH = 400  # the autoencoder's hidden width (input -> 400 -> encoding -> 400 -> input)
 SEQUENCE_CHUNK = 8  # 1-D sequences: time steps per GRU step (see SequenceClassifier)
 CNN_BLOCKS = {"compact": 1, "card": 2, "card-conv": 2, "scatter": 0, "scatter-conv": 2}  # --cnn-arch: conv blocks, each halving every spatial size (2x2 pool)
+SCATTER_ARCHS = ("scatter", "scatter-conv")  # --cnn-arch: the fixed wavelet front end (common/scattering.py) first
 COMPACT_CHANNELS = 32  # --cnn-arch compact: the card's first block (64 filters: 0.892 against 0.897 over 12 runs each)
 CNN_GROUPS = 8  # GroupNorm groups per conv layer (32 and 64 channels: 4 and 8 per group)
 
@@ -54,9 +55,9 @@ class ConvNet(nn.Module):
     normalised features and the class layer (ScatterNet + CNN; 13,322 weights on MNIST-1D). Nothing
     before the trainable layers is learnt, so no privacy is spent on features, and the noise of
     DP-SGD falls on fewer weights that start from features in which the classes already separate:
-    on the main job 0.946 against compact's 0.883 (quality bench, epsilon 3.98; 0.949 against 0.893
-    over 16 and 40 standalone replica runs), on MNIST-1D at epsilon 2 0.899 against card-conv's
-    0.794-0.827 (README "--cnn-arch").
+    on the main job 0.946 against compact's 0.883 and 0.914 (two quality benches, epsilon 3.98; 0.949
+    against 0.893 over 16 and 40 standalone replica runs), on MNIST-1D at epsilon 2 0.905 against
+    card-conv's 0.869 (the same bench run, PRV; README "--cnn-arch").
 
     ``norm="group"`` (``--cnn-norm group``) puts a GroupNorm after each convolution, before its ReLU:
     the normalisation DP-SGD can use (BatchNorm mixes the records of a batch, so per-sample
@@ -77,7 +78,10 @@ class ConvNet(nn.Module):
             return [conv(c_in, c_out, kernel_size=3, padding=1), *normed, nn.ReLU(), pool(2)]
 
         front: list[nn.Module] = []
-        if arch.startswith("scatter"):  # fixed wavelet features, each record's channels normalised on their own
+        if norm != "none" and CNN_BLOCKS[arch] == 0:
+            raise UserInputError(f"--cnn-norm {norm} normalises the CNN's conv blocks, and --cnn-arch {arch} has none (its "
+                                 "wavelet features are normalised per record already); use --cnn-norm none or --cnn-arch scatter-conv")
+        if arch in SCATTER_ARCHS:  # fixed wavelet features, each record's channels normalised on their own
             scattering = WaveletScattering(channels, len(spatial))
             front = [scattering, nn.GroupNorm(scattering.out_channels, scattering.out_channels, affine=False)]
             channels, spatial = scattering.out_channels, [s // scattering.pool for s in spatial]
@@ -183,9 +187,11 @@ class MLP(nn.Module):
 
 def smallest_cnn_input(arch: str, spatial_dims: int) -> int:
     """The smallest spatial size ``--cnn-arch arch`` takes: each conv block's 2x2 pool halves every
-    size, and so does the scattering front end's averaging on images."""
-    front = pool_size(spatial_dims) if arch.startswith("scatter") else 1
-    return front * 2 ** CNN_BLOCKS[arch]
+    size, and so does the scattering front end's averaging on images; the front end's per-record
+    GroupNorm needs two positions per channel (one value normalises to 0: nothing left to learn)."""
+    if arch not in SCATTER_ARCHS:
+        return 2 ** CNN_BLOCKS[arch]
+    return pool_size(spatial_dims) * max(2, 2 ** CNN_BLOCKS[arch])
 
 
 def check_fit(model: str, input_shape: tuple[int, ...], labelled: bool, dataset: str, augment_views: int = 1,

@@ -41,7 +41,7 @@ FREQUENCIES = 6  # 1-D: wavelets per channel
 SEQUENCE_KERNEL = 11  # 1-D: filter length (steps)
 TOP_FREQUENCY = 0.8 * math.pi  # 1-D: the highest centre frequency; each next one is 0.8 times the last
 FREQUENCY_RATIO = 0.8
-MODULUS_EPS = 1e-8  # keeps the modulus differentiable at zero
+MODULUS_EPS = 1e-8  # keeps sqrt's gradient finite at zero, should an input gradient ever be taken (no parameter precedes it)
 
 
 def pool_size(spatial_dims: int) -> int:

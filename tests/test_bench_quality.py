@@ -86,6 +86,11 @@ def test_an_ablation_at_a_sweep_epsilon_runs_with_that_epsilons_options():
         assert all(a.at(every) in (every.epsilon, *every.sweep) for a in every.ablations), every.key
 
 
+def test_an_ablation_at_an_epsilon_the_recipe_does_not_run_is_refused():
+    with pytest.raises(ValueError, match="ablation 'x' at epsilon 3"):
+        Recipe("c", "C", {}, "accuracy", 8.0, sweep=(2.0,), ablations=(Ablation("x", {}, epsilon=3.0),))
+
+
 def test_the_main_recipe_and_the_autoencoder_have_separate_runs_at_three_epsilons():
     swept = {r.key for r in RECIPES if len({r.epsilon, *r.sweep}) >= 3}
     assert {"cnn-iid", "autoencoder-digits"} <= swept

@@ -245,6 +245,20 @@ def test_cnn_norm_group_is_opacus_valid_and_gets_exact_clipped_per_sample_gradie
     torch.testing.assert_close(grad, ref_sum, rtol=0, atol=TOL)
 
 
+def test_cnn_norm_group_on_the_scatter_arch_is_refused_not_ignored():
+    """``scatter`` has no conv block for ``--cnn-norm group`` to normalise: one line, not a silent no-op."""
+    with pytest.raises(UserInputError, match="--cnn-norm group .* --cnn-arch scatter has none"):
+        build_model("cnn", (1, 8, 8), 10, cnn_norm="group", cnn_arch="scatter")
+
+
+def test_the_scatter_front_end_needs_two_positions_per_channel():
+    """One value per channel normalises to zero: the class layer would see nothing but its bias."""
+    one = build_model("cnn", (1, 2, 2), 10, seed=0).features  # 2x2 averaged to 1x1
+    assert torch.count_nonzero(one(torch.randn(4, 1, 2, 2))) == 0
+    two = build_model("cnn", (1, 4, 4), 10, seed=0).features
+    assert torch.count_nonzero(two(torch.randn(4, 1, 4, 4))) > 0
+
+
 def test_unknown_family_is_a_user_error():
     with pytest.raises(UserInputError, match="--model"):
         build_model("transformer", (1, 8, 8), 10)
@@ -318,7 +332,8 @@ def test_check_fit_classifier_needs_labels():
 
 @pytest.mark.parametrize("arch, shape", [("card", (1, 3)), ("card", (1, 3, 8)), ("card", (1, 8, 2)), ("card", (3, 2, 2)),
                                          ("card-conv", (1, 3)), ("card-conv", (3, 8, 2)), ("compact", (1, 1)), ("compact", (1, 1, 8)), ("compact", (3, 8, 1)),
-                                         ("scatter", (1, 1, 8)), ("scatter-conv", (1, 3)), ("scatter-conv", (1, 4, 8)), ("scatter-conv", (3, 8, 7))])
+                                         ("scatter", (1, 1)), ("scatter", (1, 2, 2)), ("scatter", (1, 3, 8)), ("scatter-conv", (1, 3)),
+                                         ("scatter-conv", (1, 4, 8)), ("scatter-conv", (3, 8, 7))])
 def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
     with pytest.raises(UserInputError, match=f"--model cnn --cnn-arch {arch}"):
         check_fit("cnn", shape, labelled=True, dataset="npz:small.npz", cnn_arch=arch)
@@ -328,7 +343,7 @@ def test_check_fit_cnn_needs_a_spatial_size_each_pool_can_halve(arch, shape):
 
 @pytest.mark.parametrize("arch, shape", [("card", (1, 4)), ("card", (1, 4, 4)), ("card", (3, 8, 8)), ("card", (1, 40)),
                                          ("card-conv", (1, 4)), ("card-conv", (3, 8, 8)), ("compact", (1, 2)), ("compact", (1, 2, 2)), ("compact", (3, 8, 8)), ("compact", (1, 40)),
-                                         ("scatter", (1, 1)), ("scatter", (1, 2, 2)), ("scatter", (3, 32, 32)), ("scatter-conv", (1, 4)), ("scatter-conv", (1, 8, 8))])
+                                         ("scatter", (1, 2)), ("scatter", (1, 4, 4)), ("scatter", (3, 32, 32)), ("scatter-conv", (1, 4)), ("scatter-conv", (1, 8, 8))])
 def test_check_fit_accepts_what_the_cnn_can_take(arch, shape):
     check_fit("cnn", shape, labelled=True, dataset="d", cnn_arch=arch)
     # ...and the CNN really runs on it.
