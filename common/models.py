@@ -70,6 +70,9 @@ class ConvNet(nn.Module):
             raise UserInputError(f"--cnn-norm '{norm}' is unknown; choose one of: {', '.join(CNN_NORMS)}")
         if arch not in CNN_ARCHS:
             raise UserInputError(f"--cnn-arch '{arch}' is unknown; choose one of: {', '.join(CNN_ARCHS)}")
+        if norm != "none" and CNN_BLOCKS[arch] == 0:
+            raise UserInputError(f"--cnn-norm {norm} normalises the CNN's conv blocks, and --cnn-arch {arch} has none (its "
+                                 "wavelet features are normalised per record already); use --cnn-norm none or --cnn-arch scatter-conv")
         channels, *spatial = input_shape
         conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(spatial) == 1 else (nn.Conv2d, nn.MaxPool2d)
 
@@ -78,9 +81,6 @@ class ConvNet(nn.Module):
             return [conv(c_in, c_out, kernel_size=3, padding=1), *normed, nn.ReLU(), pool(2)]
 
         front: list[nn.Module] = []
-        if norm != "none" and CNN_BLOCKS[arch] == 0:
-            raise UserInputError(f"--cnn-norm {norm} normalises the CNN's conv blocks, and --cnn-arch {arch} has none (its "
-                                 "wavelet features are normalised per record already); use --cnn-norm none or --cnn-arch scatter-conv")
         if arch in SCATTER_ARCHS:  # fixed wavelet features, each record's channels normalised on their own
             scattering = WaveletScattering(channels, len(spatial))
             front = [scattering, nn.GroupNorm(scattering.out_channels, scattering.out_channels, affine=False)]
