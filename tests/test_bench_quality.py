@@ -82,8 +82,6 @@ def test_an_ablation_at_a_sweep_epsilon_runs_with_that_epsilons_options():
     assert plan == [(2.0, "x"), (8.0, "y")]
     options = run_options(recipe, 2.0, quick=False, ablation=recipe.ablations[0])
     assert (options["learning-rate"], options["num-rounds"], options["momentum"], options["target-epsilon"]) == (1.5, 12, 0.0, 2.0)
-    for every in RECIPES:  # an ablation's epsilon is one the recipe runs anyway, so its row has a twin to compare
-        assert all(a.at(every) in (every.epsilon, *every.sweep) for a in every.ablations), every.key
 
 
 def test_an_ablation_at_an_epsilon_the_recipe_does_not_run_is_refused():
